@@ -1,0 +1,30 @@
+# Quick start: `make run` (the main job), `make test` (the test suite).
+# Both create .venv and install pinned dependencies on first use.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test schema clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/pocketfl simulate
+
+test: install
+	$(BIN)/python -m pytest
+
+# Regenerate docs/report-schema.json after changing server/report.py.
+schema: install
+	$(BIN)/python -c "from pocketfl.server.report import report_json_schema; print(report_json_schema(), end='')" > docs/report-schema.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,121 @@
+"""The Flower ClientApp that runs on each phone: train locally, send a compressed update."""
+
+import logging
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from pocketfl.compression import UpdateCodec, encode_with_error_feedback
+from pocketfl.tasks.har.federation import ClientArrays, load_federation
+from pocketfl.tasks.har.model import build_model
+from pocketfl.tasks.har.training import evaluate as evaluate_model
+from pocketfl.tasks.har.training import train as train_model
+
+from .instructions import RoundInstructions
+
+logger = logging.getLogger(__name__)
+
+RESIDUAL_KEY = "residual"
+
+# A phone trains on one core; in simulation, each Ray worker gets one CPU.
+TORCH_THREADS = 1
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on local data and reply with the encoded update `local - global`.
+
+    With error feedback on, the residual (what the encoding dropped) lives in
+    `context.state`, which Flower keeps for this node across rounds.
+    """
+    torch.set_num_threads(TORCH_THREADS)
+    instructions = RoundInstructions.from_config_record(msg.content["config"])
+    data = _client_arrays(context, instructions)
+    partition_id = int(context.node_config["partition-id"])
+
+    model = build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    global_state = {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()}
+
+    seed = _round_seed(instructions, partition_id)
+    result = train_model(
+        model,
+        data.x_train,
+        data.y_train,
+        epochs=instructions.local_epochs,
+        learning_rate=instructions.learning_rate,
+        batch_size=instructions.batch_size,
+        seed=seed,
+    )
+
+    delta = {
+        name: tensor.numpy() - global_state[name] for name, tensor in model.state_dict().items()
+    }
+    payload = _encode(delta, instructions, context, seed)
+
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "train-seconds": result.seconds,
+            "payload-bytes": len(payload),
+        }
+    )
+    content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this client's local evaluation split."""
+    torch.set_num_threads(TORCH_THREADS)
+    instructions = RoundInstructions.from_config_record(msg.content["config"])
+    data = _client_arrays(context, instructions)
+
+    model = build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loss, accuracy = evaluate_model(model, data.x_eval, data.y_eval)
+
+    metrics = MetricRecord({"num-examples": len(data.y_eval), "loss": loss, "accuracy": accuracy})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _client_arrays(context: Context, instructions: RoundInstructions) -> ClientArrays:
+    federation = load_federation(
+        instructions.held_out_people, instructions.seed, instructions.cache_dir or None
+    )
+    return federation.client_arrays(
+        int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    )
+
+
+def _round_seed(instructions: RoundInstructions, partition_id: int) -> int:
+    # One stream per (run seed, round, client): reruns with one seed give the same bytes.
+    sequence = np.random.SeedSequence([instructions.seed, instructions.server_round, partition_id])
+    return int(sequence.generate_state(1)[0])
+
+
+def _encode(
+    delta: dict[str, np.ndarray],
+    instructions: RoundInstructions,
+    context: Context,
+    seed: int,
+) -> bytes:
+    codec = UpdateCodec(instructions.compression)
+    if not instructions.error_feedback:
+        return codec.encode(delta, seed)
+
+    residual = None
+    if RESIDUAL_KEY in context.state.array_records:
+        residual = {
+            name: array.numpy() for name, array in context.state.array_records[RESIDUAL_KEY].items()
+        }
+    payload, residual = encode_with_error_feedback(codec, delta, residual, seed)
+
+    # Error feedback costs one extra float32 copy of the model per client.
+    context.state[RESIDUAL_KEY] = ArrayRecord({name: Array(values) for name, values in residual.items()})
+    return payload

@@ -1,0 +1,1 @@
+"""The Flower ServerApp, run configuration, central evaluation and reports."""

@@ -1,0 +1,28 @@
+"""The Flower ServerApp, for `flwr run .` and for `pocketfl simulate`."""
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .config import RunConfig, load_run_config
+from .federation import RoundCallback, run_federation
+
+
+def build_server_app(config: RunConfig, on_round: RoundCallback | None = None) -> ServerApp:
+    """Return a ServerApp that runs `config`, ignoring Flower's run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, config, on_round)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Read the run config from pyproject.toml (and --run-config overrides) and run it."""
+    config = load_run_config(dict(context.run_config))
+    run_federation(grid, config)

@@ -1,0 +1,163 @@
+"""Run configuration: one pydantic model read from the CLI or Flower's run config."""
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pocketfl.compression import parse_compression_spec
+
+# HAPT has 30 people; the server keeps some of them for central evaluation.
+NUM_PEOPLE = 30
+
+
+def _kebab_case(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    """Settings of one federated run, validated at start-up.
+
+    Keys use kebab case in Flower's run config and in the CLI
+    (`num-server-rounds`, `--num-server-rounds`).
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_kebab_case, populate_by_name=True, frozen=True
+    )
+
+    run_name: str = Field(
+        "har-default",
+        min_length=1,
+        max_length=64,
+        description="Name of the run; results go to <output-dir>/<run-name>/.",
+    )
+    num_server_rounds: int = Field(20, ge=1, le=1000, description="Federated rounds.")
+    num_clients: int | None = Field(
+        None,
+        ge=2,
+        le=NUM_PEOPLE - 1,
+        description="Simulated phones; default is one per training person.",
+    )
+    fraction_train: float = Field(
+        1.0, gt=0.0, le=1.0, description="Share of clients sampled each round."
+    )
+    compression: str = Field(
+        "topk:0.01,q:8",
+        description="Uplink codec pipeline, for example 'topk:0.01,q:8' or 'none'.",
+    )
+    error_feedback: bool = Field(
+        True, description="Keep what the encoding drops and add it to the next update."
+    )
+    local_epochs: int = Field(2, ge=1, le=100, description="Local passes over the data per round.")
+    learning_rate: float = Field(0.05, gt=0.0, le=10.0, description="Client SGD learning rate.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Client mini-batch size.")
+    held_out_people: int = Field(
+        6, ge=1, le=NUM_PEOPLE - 2, description="People kept for central evaluation."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the split, model and codecs.")
+    output_dir: Path = Field(Path("runs"), description="Folder that receives run folders.")
+    cache_dir: Path | None = Field(
+        None, description="HAR cache folder; default POCKETFL_CACHE_DIR or ~/.cache/pocketfl."
+    )
+
+    @field_validator("run_name")
+    @classmethod
+    def _check_run_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError(
+                "must start with a letter or digit and contain only letters, digits, "
+                "'.', '_' and '-', for example 'topk-1pct'"
+            )
+        return value
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _empty_cache_dir_is_default(cls, value: Any) -> Any:
+        # TOML has no null, so Flower's run config writes "no folder" as "".
+        return None if value == "" else value
+
+    @field_validator("compression")
+    @classmethod
+    def _check_compression(cls, value: str) -> str:
+        return str(parse_compression_spec(value))
+
+    @property
+    def run_dir(self) -> Path:
+        """Folder that receives the report, the round CSV and the final model."""
+        return self.output_dir / self.run_name
+
+    @property
+    def num_train_people(self) -> int:
+        """People that train as clients."""
+        return NUM_PEOPLE - self.held_out_people
+
+    @property
+    def resolved_num_clients(self) -> int:
+        """Clients in the federation: `num_clients`, or one per training person."""
+        return self.num_clients or self.num_train_people
+
+
+def describe_validation_error(
+    error: ValidationError, option_names: dict[str, str] | None = None
+) -> str:
+    """Turn a pydantic error into one line per bad option: the option, the value, the range.
+
+    `option_names` maps field names to the names the user typed, such as
+    {"num_server_rounds": "--rounds"}; other fields are named in kebab case.
+    """
+    option_names = option_names or {}
+    lines = []
+    for item in error.errors():
+        field_name = str(item["loc"][0]) if item["loc"] else ""
+        field_name = field_name.replace("-", "_")
+        option = option_names.get(field_name, _kebab_case(field_name) or "config")
+        if item["type"] == "extra_forbidden":
+            known = ", ".join(_kebab_case(name) for name in RunConfig.model_fields)
+            lines.append(f"unknown option {option}; known options: {known}")
+            continue
+
+        message = item["msg"].removeprefix("Value error, ")
+        line = f"invalid value {item.get('input')!r} for {option}: {message}"
+
+        allowed = _allowed_range(field_name)
+        if allowed:
+            line += f" (allowed: {allowed})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _allowed_range(field_name: str) -> str:
+    field = RunConfig.model_fields.get(field_name)
+    if field is None:
+        return ""
+
+    parts = []
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    for constraint in field.metadata:
+        for key, symbol in symbols.items():
+            bound = getattr(constraint, key, None)
+            if bound is not None:
+                parts.append(f"{symbol} {bound}")
+    return " and ".join(parts)
+
+
+def load_run_config(
+    values: dict[str, Any], option_names: dict[str, str] | None = None
+) -> RunConfig:
+    """Validate `values` (kebab or snake keys) into a RunConfig, or raise ValueError naming each problem."""
+    try:
+        config = RunConfig.model_validate(values)
+    except ValidationError as error:
+        raise ValueError(describe_validation_error(error, option_names)) from None
+
+    if config.resolved_num_clients > config.num_train_people:
+        option = (option_names or {}).get("num_clients", "num-clients")
+        raise ValueError(
+            f"invalid value {config.resolved_num_clients} for {option}: with "
+            f"{config.held_out_people} held-out people there are only "
+            f"{config.num_train_people} training people, so use at most "
+            f"{config.num_train_people} clients or hold out fewer people."
+        )
+    return config

@@ -1,0 +1,167 @@
+"""One federated run on a Flower Grid: strategy, central evaluation, report, final model."""
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from pocketfl.client.instructions import RoundInstructions
+from pocketfl.strategies import CompressedFedAvg
+from pocketfl.tasks.har.federation import HarFederation, load_federation
+from pocketfl.tasks.har.model import build_model
+from pocketfl.tasks.har.training import evaluate
+
+from .config import RunConfig
+from .report import Report, RoundRecord, Summary, write_report
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "final_model.pt"
+
+RoundCallback = Callable[[RoundRecord], None]
+
+
+def run_federation(
+    grid: Grid, config: RunConfig, on_round: RoundCallback | None = None
+) -> Report:
+    """Run `config.num_server_rounds` rounds of compressed FedAvg and write the results.
+
+    After each round the global model is evaluated on the held-out people, the
+    round is appended to the report on disk, and `on_round` is called with it.
+    """
+    started = time.perf_counter()
+    federation = load_federation(
+        config.held_out_people, config.seed, str(config.cache_dir) if config.cache_dir else None
+    )
+    model = build_model(seed=config.seed)
+    x_held_out, y_held_out = federation.held_out_arrays()
+    report = _new_report(config, federation, model)
+
+    strategy = CompressedFedAvg(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_train,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        # `flwr run` may start fewer SuperNodes than there are people, so only an
+        # explicit --clients waits for that many nodes.
+        min_available_nodes=config.num_clients or 1,
+    )
+    round_started = time.perf_counter()
+    initial_accuracy = 0.0
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        nonlocal round_started, initial_accuracy
+
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, x_held_out, y_held_out)
+        if server_round == 0:
+            initial_accuracy = accuracy
+            round_started = time.perf_counter()
+            return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+        record = _round_record(strategy, server_round, accuracy, loss, round_started)
+        report.rounds.append(record)
+        write_report(report, config.run_dir)
+        logger.info(
+            "round %d: accuracy %.4f, uplink %d bytes (%.1fx below float32)",
+            server_round,
+            accuracy,
+            record.uplink_bytes,
+            record.compression_ratio or 0.0,
+        )
+        if on_round is not None:
+            on_round(record)
+        round_started = time.perf_counter()
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    instructions = _instructions(config)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=config.num_server_rounds,
+        train_config=instructions,
+        evaluate_config=instructions,
+        evaluate_fn=evaluate_global,
+    )
+
+    _attach_client_accuracy(report, result.evaluate_metrics_clientapp)
+    report.summary = _summary(report, initial_accuracy, time.perf_counter() - started)
+    write_report(report, config.run_dir)
+    torch.save(result.arrays.to_torch_state_dict(), config.run_dir / MODEL_FILE)
+    return report
+
+
+def _instructions(config: RunConfig) -> ConfigRecord:
+    return RoundInstructions(
+        server_round=1,
+        compression=config.compression,
+        error_feedback=config.error_feedback,
+        local_epochs=config.local_epochs,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        held_out_people=config.held_out_people,
+        seed=config.seed,
+        cache_dir=str(config.cache_dir or ""),
+    ).to_config_record()
+
+
+def _new_report(config: RunConfig, federation: HarFederation, model: torch.nn.Module) -> Report:
+    return Report(
+        run_name=config.run_name,
+        config=config.model_dump(mode="json", by_alias=True),
+        train_people=list(federation.split.train_people),
+        held_out_people=list(federation.split.held_out_people),
+        num_parameters=sum(parameter.numel() for parameter in model.parameters()),
+    )
+
+
+def _round_record(
+    strategy: CompressedFedAvg, server_round: int, accuracy: float, loss: float, round_started: float
+) -> RoundRecord:
+    traffic = strategy.traffic[server_round]
+    ratio = traffic.uplink_float32_bytes / traffic.uplink_bytes if traffic.uplink_bytes else None
+    return RoundRecord(
+        round=server_round,
+        accuracy=accuracy,
+        loss=loss,
+        clients=traffic.clients,
+        sampled_clients=traffic.sampled_clients,
+        failed_clients=traffic.failed_clients,
+        uplink_bytes=traffic.uplink_bytes,
+        uplink_message_bytes=traffic.uplink_message_bytes,
+        uplink_float32_bytes=traffic.uplink_float32_bytes,
+        downlink_bytes=traffic.downlink_bytes,
+        compression_ratio=ratio,
+        mean_train_seconds=float(np.mean(traffic.train_seconds)) if traffic.train_seconds else 0.0,
+        wall_seconds=time.perf_counter() - round_started,
+    )
+
+
+def _attach_client_accuracy(report: Report, client_metrics: dict[int, MetricRecord]) -> None:
+    # Federated evaluation runs after the central evaluation of a round, so its
+    # result is attached once the strategy has finished.
+    for record in report.rounds:
+        metrics = client_metrics.get(record.round)
+        if metrics is not None and "accuracy" in metrics:
+            record.client_accuracy = float(metrics["accuracy"])
+
+
+def _summary(report: Report, initial_accuracy: float, wall_seconds: float) -> Summary:
+    uplink = sum(record.uplink_bytes for record in report.rounds)
+    uplink_float32 = sum(record.uplink_float32_bytes for record in report.rounds)
+    accuracies = [record.accuracy for record in report.rounds]
+    return Summary(
+        final_accuracy=accuracies[-1] if accuracies else initial_accuracy,
+        best_accuracy=max(accuracies, default=initial_accuracy),
+        initial_accuracy=initial_accuracy,
+        uplink_compression_ratio=uplink_float32 / uplink if uplink else None,
+        total_uplink_bytes=uplink,
+        total_uplink_float32_bytes=uplink_float32,
+        total_downlink_bytes=sum(record.downlink_bytes for record in report.rounds),
+        completed_rounds=len(report.rounds),
+        wall_seconds=wall_seconds,
+    )

@@ -1,0 +1,111 @@
+"""The run report: a pydantic model written as report.json and rounds.csv."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+REPORT_FILE = "report.json"
+ROUNDS_FILE = "rounds.csv"
+REPORT_SCHEMA_VERSION = 1
+
+
+class RoundRecord(BaseModel):
+    """One federated round, with bytes measured from the real messages."""
+
+    round: int = Field(ge=1)
+    accuracy: float = Field(description="Central accuracy on the held-out people after this round.")
+    loss: float = Field(description="Central cross-entropy loss on the held-out people.")
+    clients: int = Field(ge=0, description="Clients whose update was aggregated.")
+    sampled_clients: int = Field(ge=0, description="Clients that were sent the round.")
+    failed_clients: int = Field(ge=0, description="Replies that failed or did not decode.")
+    uplink_bytes: int = Field(ge=0, description="Sum of the wire-format payload lengths, in bytes.")
+    uplink_message_bytes: int = Field(
+        ge=0, description="Sum of the reply sizes as Flower serializes them, in bytes."
+    )
+    uplink_float32_bytes: int = Field(
+        ge=0, description="What the same updates take as raw float32, in bytes."
+    )
+    downlink_bytes: int = Field(
+        ge=0, description="Sum of the train message sizes as Flower serializes them, in bytes."
+    )
+    compression_ratio: float | None = Field(
+        description="uplink_float32_bytes / uplink_bytes; null when nothing was received."
+    )
+    client_accuracy: float | None = Field(
+        None, description="Accuracy on the clients' local evaluation splits, weighted by examples."
+    )
+    mean_train_seconds: float = Field(ge=0, description="Mean local training time per client, in seconds.")
+    wall_seconds: float = Field(ge=0, description="Wall-clock time of the round on the server, in seconds.")
+
+
+class Summary(BaseModel):
+    """Totals over the run."""
+
+    final_accuracy: float
+    best_accuracy: float
+    initial_accuracy: float
+    uplink_compression_ratio: float | None = Field(
+        description="Total float32 bytes over total uplink payload bytes."
+    )
+    total_uplink_bytes: int
+    total_uplink_float32_bytes: int
+    total_downlink_bytes: int
+    completed_rounds: int
+    wall_seconds: float
+
+
+class Report(BaseModel):
+    """Everything a run measured, written to <run-dir>/report.json."""
+
+    schema_version: int = REPORT_SCHEMA_VERSION
+    run_name: str
+    config: dict[str, Any] = Field(description="The RunConfig of the run, as JSON.")
+    train_people: list[int]
+    held_out_people: list[int]
+    num_parameters: int
+    rounds: list[RoundRecord] = Field(default_factory=list)
+    summary: Summary | None = None
+
+
+def write_report(report: Report, run_dir: Path) -> Path:
+    """Write report.json atomically (temporary file, then rename) and rounds.csv."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / REPORT_FILE
+    _write_atomically(path, report.model_dump_json(indent=2) + "\n")
+
+    columns = list(RoundRecord.model_fields)
+    lines = [",".join(columns)]
+    for record in report.rounds:
+        values = record.model_dump()
+        lines.append(",".join(_csv_cell(values[column]) for column in columns))
+    _write_atomically(run_dir / ROUNDS_FILE, "\n".join(lines) + "\n")
+    return path
+
+
+def read_report(path: Path) -> Report:
+    """Load and validate a report.json."""
+    return Report.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def report_json_schema() -> str:
+    """Return the JSON schema of report.json, as kept in docs/report-schema.json."""
+    return json.dumps(Report.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def _csv_cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

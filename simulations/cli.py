@@ -1,0 +1,160 @@
+"""The `pocketfl` command line: `pocketfl simulate` runs the HAR federation."""
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pocketfl.server.config import load_run_config
+from pocketfl.server.report import ROUNDS_FILE, REPORT_FILE, Report, RoundRecord
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning for phones.")
+console = Console()
+
+# CLI option names of RunConfig fields whose option is not the field's kebab name.
+OPTION_NAMES = {
+    "num_server_rounds": "--rounds",
+    "num_clients": "--clients",
+    "run_name": "--name",
+}
+
+
+@cli.callback()
+def _root() -> None:
+    """pocketfl: federated learning with compressed updates, simulated on phones."""
+
+
+@cli.command()
+def simulate(
+    rounds: Annotated[int, typer.Option(help="Federated rounds (1 to 1000).")] = 20,
+    clients: Annotated[
+        int | None, typer.Option(help="Simulated phones; default one per training person.")
+    ] = None,
+    compression: Annotated[
+        str, typer.Option(help="Uplink codec pipeline: 'topk:0.01,q:8', 'q:4', 'none', ...")
+    ] = "topk:0.01,q:8",
+    error_feedback: Annotated[
+        bool, typer.Option(help="Add what the encoding dropped to the next update.")
+    ] = True,
+    local_epochs: Annotated[int, typer.Option(help="Local passes over the data per round.")] = 2,
+    learning_rate: Annotated[float, typer.Option(help="Client SGD learning rate.")] = 0.05,
+    batch_size: Annotated[int, typer.Option(help="Client mini-batch size.")] = 32,
+    fraction_train: Annotated[
+        float, typer.Option(help="Share of clients sampled each round, in (0, 1].")
+    ] = 1.0,
+    held_out_people: Annotated[
+        int, typer.Option(help="People kept for central evaluation.")
+    ] = 6,
+    seed: Annotated[int, typer.Option(help="Seed for the split, the model and the codecs.")] = 0,
+    name: Annotated[str, typer.Option(help="Run name; results go to OUTPUT_DIR/NAME/.")] = "har-default",
+    output_dir: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="HAR cache folder (default: POCKETFL_CACHE_DIR or ~/.cache/pocketfl).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    """Run federated activity recognition across simulated phones and write a report."""
+    try:
+        config = load_run_config(
+            {
+                "num_server_rounds": rounds,
+                "num_clients": clients,
+                "compression": compression,
+                "error_feedback": error_feedback,
+                "local_epochs": local_epochs,
+                "learning_rate": learning_rate,
+                "batch_size": batch_size,
+                "fraction_train": fraction_train,
+                "held_out_people": held_out_people,
+                "seed": seed,
+                "run_name": name,
+                "output_dir": output_dir,
+                "cache_dir": cache_dir,
+            },
+            OPTION_NAMES,
+        )
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(code=2) from None
+
+    # Flower configures its logger when imported, so logging is set up after it.
+    from pocketfl.simulations.engine import simulate as run_simulation
+
+    _configure_logging(verbose)
+
+    console.print(
+        f"pocketfl: {config.resolved_num_clients} clients, {config.num_server_rounds} rounds, "
+        f"compression '{config.compression}', error feedback {'on' if config.error_feedback else 'off'}",
+        highlight=False,
+    )
+    with Progress(
+        TextColumn("[bold]round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("starting the Simulation Engine", total=config.num_server_rounds)
+
+        def on_round(record: RoundRecord) -> None:
+            progress.update(
+                task,
+                completed=record.round,
+                description=f"accuracy {record.accuracy:.3f}, uplink {record.uplink_bytes:,} B",
+            )
+
+        report = run_simulation(config, on_round)
+
+    _print_summary(report)
+    console.print(f"wrote {config.run_dir / REPORT_FILE} and {config.run_dir / ROUNDS_FILE}")
+
+
+def _configure_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+    # Flower's logger has a handler of its own; without this, each line would
+    # print twice, once through it and once through the root handler.
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.setLevel(level)
+    flower_logger.propagate = False
+
+
+def _print_summary(report: Report) -> None:
+    table = Table(title=f"run {report.run_name}")
+    # Byte columns are in kB (1000 bytes) so the table fits 80 columns; the
+    # report holds exact byte counts.
+    for column in ("round", "accuracy", "loss", "clients", "uplink kB", "float32 kB", "ratio", "downlink kB"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for record in report.rounds:
+        table.add_row(
+            str(record.round),
+            f"{record.accuracy:.4f}",
+            f"{record.loss:.4f}",
+            f"{record.clients}/{record.sampled_clients}",
+            f"{record.uplink_bytes / 1000:,.1f}",
+            f"{record.uplink_float32_bytes / 1000:,.1f}",
+            f"{record.compression_ratio:.1f}x" if record.compression_ratio else "-",
+            f"{record.downlink_bytes / 1000:,.1f}",
+        )
+    console.print(table)
+
+    summary = report.summary
+    if summary is not None:
+        ratio = f"{summary.uplink_compression_ratio:.1f}x" if summary.uplink_compression_ratio else "-"
+        console.print(
+            f"final accuracy on held-out people {summary.final_accuracy:.4f} "
+            f"(best {summary.best_accuracy:.4f}); uplink {summary.total_uplink_bytes:,} bytes, "
+            f"{ratio} below float32; {summary.wall_seconds:.0f} s",
+            highlight=False,
+        )
+
+
+def main() -> None:
+    """Entry point of the `pocketfl` script."""
+    cli()

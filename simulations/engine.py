@@ -1,0 +1,48 @@
+"""Run a pocketfl federation on Flower's Simulation Engine (Ray backend)."""
+
+import logging
+import os
+
+from flwr.simulation import run_simulation
+
+from pocketfl.client.app import app as client_app
+from pocketfl.server.app import build_server_app
+from pocketfl.server.config import RunConfig
+from pocketfl.server.federation import RoundCallback
+from pocketfl.server.report import Report, read_report, REPORT_FILE
+
+logger = logging.getLogger(__name__)
+
+
+def backend_config(num_cpus: int | None = None) -> dict:
+    """Return the Ray backend settings: one CPU per simulated phone, no dashboard."""
+    num_cpus = num_cpus or os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": num_cpus,
+            "num_gpus": 0,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+        },
+    }
+
+
+def simulate(config: RunConfig, on_round: RoundCallback | None = None) -> Report:
+    """Run `config` with one simulated SuperNode per client and return the report."""
+    # Flower's telemetry would try the network, which phones-in-a-laptop runs
+    # must not need.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+    num_clients = config.resolved_num_clients
+    config = config.model_copy(update={"num_clients": num_clients})
+    logger.info("simulating %d clients for %d rounds", num_clients, config.num_server_rounds)
+
+    run_simulation(
+        server_app=build_server_app(config, on_round),
+        client_app=client_app,
+        num_supernodes=num_clients,
+        backend_config=backend_config(),
+    )
+    return read_report(config.run_dir / REPORT_FILE)

@@ -1,0 +1,4 @@
+import os
+
+# Flower's telemetry would reach out to the network; tests run offline.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

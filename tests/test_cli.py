@@ -1,0 +1,43 @@
+import pytest
+from typer.testing import CliRunner
+
+from pocketfl.simulations.cli import cli
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--rounds", "-1"], "for --rounds:"),
+        (["--rounds", "0"], ">= 1"),
+        (["--rounds", "5000"], "<= 1000"),
+        (["--clients", "1"], "for --clients:"),
+        (["--clients", "26"], "at most 24 clients"),
+        (["--clients", "40"], "<= 29"),
+        (["--compression", "topk:1.5"], "compression"),
+        (["--compression", "q:12"], "compression"),
+        (["--learning-rate", "-0.1"], "for learning-rate:"),
+        (["--fraction-train", "0"], "for fraction-train:"),
+        (["--name", "../x"], "for --name:"),
+    ],
+)
+def test_bad_option_fails_before_running(arguments, expected, tmp_path):
+    result = runner.invoke(cli, ["simulate", "--output-dir", str(tmp_path), *arguments])
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("option", ["--rounds", "--clients", "--learning-rate", "--seed"])
+def test_non_numeric_option_rejected(option):
+    result = runner.invoke(cli, ["simulate", option, "abc"])
+    assert result.exit_code == 2
+    assert option in result.output
+
+
+def test_help_lists_main_options():
+    result = runner.invoke(cli, ["simulate", "--help"])
+    assert result.exit_code == 0
+    for option in ("--rounds", "--clients", "--compression", "--seed"):
+        assert option in result.output

@@ -1,0 +1,166 @@
+"""Error feedback: residuals carry what compression lost into later rounds."""
+
+import numpy as np
+import pytest
+
+from pocketfl.compression import UpdateCodec, decode_update, encode_with_error_feedback
+
+
+def shapes_of(update):
+    return {name: np.shape(array) for name, array in update.items()}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "topk:0.05,q:4",
+        "topk:0.01",
+        "q:2:16",
+        "topk:0.3,q:2",
+        "topk:0.05:tensor,q:4",
+        "topk:0.01:tensor",
+        "topk:0.3:tensor,q:2",
+    ],
+)
+def test_sum_telescopes(spec):
+    rng = np.random.default_rng(0)
+    codec = UpdateCodec(spec)
+    shapes = {"w": (30, 20), "b": (20,), "s": ()}
+    residual = None
+    sent = {name: np.zeros(shape, np.float64) for name, shape in shapes.items()}
+    total = {name: np.zeros(shape, np.float64) for name, shape in shapes.items()}
+
+    for round_index in range(25):
+        update = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+        payload, residual = encode_with_error_feedback(codec, update, residual, seed=round_index)
+        decoded = decode_update(payload, shapes)
+        for name in shapes:
+            sent[name] += decoded[name]
+            total[name] += update[name]
+
+    for name in shapes:
+        assert residual[name].dtype == np.float32
+        assert residual[name].shape == shapes[name]
+        np.testing.assert_allclose(sent[name] + residual[name], total[name], atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.02,q:4", "topk:0.02,q:3:32"])
+def test_model_scope_telescopes_across_scales(spec):
+    # Tensor scales differ by up to 10^4, so model-scope top-k sends nothing of
+    # the small tensors in some rounds, until their residual has grown.
+    rng = np.random.default_rng(11)
+    codec = UpdateCodec(spec)
+    scales = {"fc.weight": 10.0, "conv.weight": 1.0, "conv.bias": 1e-2, "fc.bias": 1e-3}
+    shapes = {"fc.weight": (40, 25), "conv.weight": (6, 3, 5), "conv.bias": (6,), "fc.bias": (25,)}
+    residual = None
+    sent = {name: np.zeros(shape, np.float64) for name, shape in shapes.items()}
+    total = {name: np.zeros(shape, np.float64) for name, shape in shapes.items()}
+    rounds_with_empty_tensor = 0
+
+    for round_index in range(30):
+        update = {
+            name: (rng.standard_normal(shape) * scales[name]).astype(np.float32)
+            for name, shape in shapes.items()
+        }
+        payload, residual = encode_with_error_feedback(codec, update, residual, seed=round_index)
+        decoded = decode_update(payload, shapes)
+        rounds_with_empty_tensor += any(not decoded[name].any() for name in shapes)
+        for name in shapes:
+            sent[name] += decoded[name]
+            total[name] += update[name]
+
+    assert rounds_with_empty_tensor > 0
+    for name in shapes:
+        assert residual[name].dtype == np.float32
+        # The residual is float32 and the sums reach about 200 in magnitude.
+        np.testing.assert_allclose(sent[name] + residual[name], total[name], atol=1e-3, err_msg=name)
+
+
+def test_model_scope_residual_is_loss_for_empty_tensor():
+    update = {"large": np.array([4.0, -5.0, 6.0], np.float32), "small": np.full(7, 0.1, np.float32)}
+
+    payload, residual = encode_with_error_feedback(UpdateCodec("topk:0.2"), update, None, seed=0)
+
+    decoded = decode_update(payload, shapes_of(update))
+    assert np.flatnonzero(decoded["large"]).tolist() == [1, 2]
+    assert not decoded["small"].any()
+    np.testing.assert_array_equal(residual["small"], update["small"])
+    np.testing.assert_array_equal(residual["large"], [4.0, 0.0, 0.0])
+
+
+def test_first_round_residual_is_loss():
+    update = {"w": np.linspace(-1, 1, 50, dtype=np.float32)}
+    codec = UpdateCodec("topk:0.1")
+
+    payload, residual = encode_with_error_feedback(codec, update, None, seed=0)
+
+    decoded = decode_update(payload, shapes_of(update))
+    np.testing.assert_array_equal(residual["w"], update["w"] - decoded["w"])
+    assert np.count_nonzero(residual["w"]) == 50 - 5
+
+
+def test_residual_added_before_encoding():
+    update = {"w": np.zeros(10, np.float32)}
+    residual = {"w": np.arange(10, dtype=np.float32)}
+
+    payload, new_residual = encode_with_error_feedback(UpdateCodec("topk:0.1"), update, residual, seed=0)
+
+    decoded = decode_update(payload, shapes_of(update))
+    np.testing.assert_array_equal(np.flatnonzero(decoded["w"]), [9])
+    assert decoded["w"][9] == 9.0
+    assert new_residual["w"][9] == 0.0
+    np.testing.assert_array_equal(new_residual["w"][:9], np.arange(9))
+
+
+def test_topk_sends_every_coordinate_eventually():
+    # A constant update with magnitudes spread over two orders of magnitude:
+    # without error feedback top-k would send the same 10% every round.
+    update = {"w": np.geomspace(0.01, 1.0, 100).astype(np.float32)}
+    codec = UpdateCodec("topk:0.1,q:8")
+    shapes = shapes_of(update)
+
+    residual = None
+    sent_with_feedback = np.zeros(100, bool)
+    sent_without_feedback = np.zeros(100, bool)
+    for round_index in range(200):
+        payload, residual = encode_with_error_feedback(codec, update, residual, seed=round_index)
+        sent_with_feedback |= decode_update(payload, shapes)["w"] != 0
+
+        plain = codec.encode(update, round_index)
+        sent_without_feedback |= decode_update(plain, shapes)["w"] != 0
+
+    assert sent_with_feedback.all(), f"never sent: {np.flatnonzero(~sent_with_feedback)}"
+    assert sent_without_feedback.sum() == 10
+
+
+def test_none_leaves_zero_residual():
+    update = {"w": np.random.default_rng(3).standard_normal((4, 4)).astype(np.float32)}
+
+    _, residual = encode_with_error_feedback(UpdateCodec("none"), update, None, seed=0)
+
+    assert not residual["w"].any()
+
+
+def test_residual_mismatch_rejected():
+    codec = UpdateCodec("topk:0.5")
+    update = {"w": np.ones(4, np.float32)}
+
+    with pytest.raises(ValueError, match="lacks tensor 'w'"):
+        encode_with_error_feedback(codec, update, {"v": np.ones(4, np.float32)}, seed=0)
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        encode_with_error_feedback(codec, update, {"w": np.ones(5, np.float32)}, seed=0)
+    with pytest.raises(ValueError, match="'extra'"):
+        encode_with_error_feedback(
+            codec, update, {"w": np.ones(4, np.float32), "extra": np.ones(1, np.float32)}, seed=0
+        )
+
+
+def test_error_feedback_deterministic():
+    update = {"w": np.random.default_rng(4).standard_normal(64).astype(np.float32)}
+    codec = UpdateCodec("topk:0.2,q:3")
+
+    first = encode_with_error_feedback(codec, update, None, seed=9)
+    second = encode_with_error_feedback(codec, update, None, seed=9)
+
+    assert first[0] == second[0]
+    np.testing.assert_array_equal(first[1]["w"], second[1]["w"])

@@ -1,0 +1,70 @@
+import pytest
+
+from pocketfl.server.config import RunConfig, load_run_config
+
+
+def test_defaults_are_the_main_job():
+    config = load_run_config({})
+    assert config.num_server_rounds == 20
+    assert config.compression == "topk:0.01,q:8"
+    assert config.error_feedback is True
+    assert config.resolved_num_clients == 24
+
+
+def test_kebab_keys_from_flower_run_config():
+    config = load_run_config({"num-server-rounds": 3, "compression": "none", "local-epochs": 1})
+    assert config.num_server_rounds == 3
+    assert config.compression == "none"
+    assert config.local_epochs == 1
+
+
+@pytest.mark.parametrize(
+    ("values", "option", "allowed"),
+    [
+        ({"num_server_rounds": 0}, "num-server-rounds", ">= 1"),
+        ({"num_server_rounds": -5}, "num-server-rounds", "<= 1000"),
+        ({"num_server_rounds": "many"}, "num-server-rounds", ">= 1"),
+        ({"learning_rate": -0.1}, "learning-rate", "> 0.0"),
+        ({"fraction_train": 1.5}, "fraction-train", "<= 1.0"),
+        ({"num_clients": 1}, "num-clients", ">= 2"),
+        ({"batch_size": 0}, "batch-size", ">= 1"),
+    ],
+)
+def test_out_of_range_option_names_option_and_range(values, option, allowed):
+    with pytest.raises(ValueError) as raised:
+        load_run_config(values)
+    message = str(raised.value)
+    assert f"for {option}:" in message
+    assert allowed in message
+
+
+def test_cli_option_names_used_in_message():
+    with pytest.raises(ValueError, match="for --rounds:"):
+        load_run_config({"num_server_rounds": 0}, {"num_server_rounds": "--rounds"})
+
+
+@pytest.mark.parametrize("spec", ["topk:0", "topk:2", "q:0", "q:9", "zip", ""])
+def test_invalid_compression_rejected(spec):
+    with pytest.raises(ValueError, match="compression"):
+        load_run_config({"compression": spec})
+
+
+def test_more_clients_than_people_rejected():
+    with pytest.raises(ValueError, match="at most 20 clients"):
+        load_run_config({"num_clients": 25, "held_out_people": 10})
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden"])
+def test_unsafe_run_name_rejected(name):
+    with pytest.raises(ValueError, match="run-name"):
+        load_run_config({"run_name": name})
+
+
+def test_unknown_key_rejected():
+    with pytest.raises(ValueError, match="rounds"):
+        load_run_config({"rounds": 3})
+
+
+def test_run_dir_under_output_dir(tmp_path):
+    config = RunConfig(output_dir=tmp_path, run_name="x1")
+    assert config.run_dir == tmp_path / "x1"

@@ -1,0 +1,437 @@
+"""Wire format: the documented example, and rejection of every malformed payload."""
+
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pocketfl.compression import DecodeError, UpdateCodec, decode_update
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
+
+
+# --- an independent writer, built from the documented layout -------------------
+
+
+def frame(spec, records, *, magic=b"PFLU", version=1, count=None, trailing=b""):
+    """Build a payload from (name, shape, dtype, body) records, CRC included."""
+    spec_bytes = spec.encode() if isinstance(spec, str) else spec
+    parts = [magic, struct.pack("<BH", version, len(spec_bytes)), spec_bytes]
+    parts.append(struct.pack("<I", len(records) if count is None else count))
+
+    for name, shape, dtype, body in records:
+        name_bytes = name.encode() if isinstance(name, str) else name
+        parts.append(struct.pack("<H", len(name_bytes)) + name_bytes)
+        parts.append(struct.pack(f"<B{len(shape)}I", len(shape), *shape))
+        parts.append(struct.pack("<BI", dtype, len(body)) + body)
+
+    framed = b"".join(parts) + trailing
+    return with_crc(framed)
+
+
+def with_crc(framed):
+    return framed + struct.pack("<I", zlib.crc32(framed))
+
+
+def refresh_crc(payload):
+    return with_crc(payload[:-4])
+
+
+def float32_body(values):
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
+def q_body(blocks, codes_bytes):
+    """Build a quantized body from (min, scale) pairs and packed code bytes."""
+    return b"".join(struct.pack("<ff", low, scale) for low, scale in blocks) + codes_bytes
+
+
+def topk_body(k, coding, index_bytes, values_body):
+    return struct.pack("<IBI", k, coding, len(index_bytes)) + index_bytes + values_body
+
+
+SHAPES = {"w": (2, 3), "b": (3,)}
+W = np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5
+B = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+
+
+def valid_none_payload():
+    return frame("none", [("w", (2, 3), 1, float32_body(W)), ("b", (3,), 1, float32_body(B))])
+
+
+# --- the documented example -----------------------------------------------------
+
+
+def documented_example_bytes():
+    text = DOCS.read_text(encoding="utf-8")
+    block = re.search(r"```hex\n(.*?)```", text, re.DOTALL)
+    assert block, "docs/wire-format.md must contain a ```hex block"
+    return bytes.fromhex(block.group(1))
+
+
+def test_docs_worked_example_matches_encoder():
+    update = {
+        "w": np.array([[0.25, -2.0], [0.0, 1.0]], dtype=np.float32),
+        "b": np.array(5.0, dtype=np.float32),
+    }
+    expected = documented_example_bytes()
+
+    for seed in (0, 1, 99):
+        assert UpdateCodec("topk:0.5,q:2").encode(update, seed) == expected
+
+    decoded = decode_update(expected, {"w": (2, 2), "b": ()})
+    np.testing.assert_array_equal(decoded["w"], [[0.0, -2.0], [0.0, 1.0]])
+    assert decoded["b"] == np.float32(5.0)
+
+    # Tensor scope keeps the same entries here, so only the spec text differs.
+    tensor_scope = UpdateCodec("topk:0.5:tensor,q:2").encode(update, 0)
+    spec_end = 7 + len("topk:0.5,q:2")
+    assert tensor_scope[7 : spec_end + 7] == b"topk:0.5:tensor,q:2"
+    assert tensor_scope[spec_end + 7 : -4] == expected[spec_end:-4]
+
+
+def test_docs_worked_example_matches_independent_writer():
+    w_body = topk_body(2, 1, bytes([0b1010]), q_body([(-2.0, 1.0)], bytes([0x0C])))
+    b_body = topk_body(1, 0, bytes([0x00]), q_body([(5.0, 0.0)], bytes([0x00])))
+
+    payload = frame("topk:0.5,q:2", [("w", (2, 2), 1, w_body), ("b", (), 1, b_body)])
+
+    assert payload == documented_example_bytes()
+    assert len(payload) == 91
+
+
+def test_independent_writer_matches_encoder():
+    assert UpdateCodec("none").encode({"w": W, "b": B}, 0) == valid_none_payload()
+    assert decode_update(valid_none_payload(), SHAPES)["b"].tolist() == B.tolist()
+
+
+# --- malformed payloads, one class per case -------------------------------------
+
+
+def varint_bytes(*values):
+    out = bytearray()
+    for value in values:
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+W_NONE = ("w", (2, 3), 1, float32_body(W))
+B_NONE = ("b", (3,), 1, float32_body(B))
+Q8_CODES = bytes([0, 1, 2])
+Q8_SPEC = "q:8"
+B_Q8_GOOD = ("b", (3,), 1, q_body([(0.0, 1.0)], Q8_CODES))
+W_Q8_GOOD = ("w", (2, 3), 1, q_body([(0.0, 1.0)], bytes(6)))
+TOPK_SPEC = "topk:0.5"
+B_TOPK_GOOD = ("b", (3,), 1, topk_body(1, 0, varint_bytes(2), float32_body([2.0])))
+W_TOPK_GOOD = ("w", (2, 3), 1, topk_body(3, 0, varint_bytes(0, 2, 2), float32_body([1, 2, 3])))
+
+
+def topk_payload(w_body):
+    return frame(TOPK_SPEC, [("w", (2, 3), 1, w_body), B_TOPK_GOOD])
+
+
+def q_payload(b_body, spec=Q8_SPEC, w_body=W_Q8_GOOD[3]):
+    return frame(spec, [("w", (2, 3), 1, w_body), ("b", (3,), 1, b_body)])
+
+
+MALFORMED = {
+    # Framing.
+    "empty payload": (b"", "truncated"),
+    "shorter than header": (b"PFLU\x01", "truncated"),
+    "truncated without CRC": (valid_none_payload()[:-9], "CRC32"),
+    "truncated with CRC": (with_crc(valid_none_payload()[:-9]), "truncated"),
+    "trailing bytes before CRC": (frame("none", [W_NONE, B_NONE], trailing=b"\x00\x00"), "trailing"),
+    "trailing bytes after CRC": (valid_none_payload() + b"\x00", "CRC32"),
+    "bad magic": (with_crc(b"XFLU" + valid_none_payload()[4:-4]), "magic"),
+    "wrong version": (frame("none", [W_NONE, B_NONE], version=2), "version 2"),
+    "version zero": (frame("none", [W_NONE, B_NONE], version=0), "version 0"),
+    "bad CRC": (valid_none_payload()[:-1] + bytes([valid_none_payload()[-1] ^ 1]), "CRC32"),
+    "flipped body byte": (
+        valid_none_payload()[:40] + bytes([valid_none_payload()[40] ^ 0x10]) + valid_none_payload()[41:],
+        "CRC32",
+    ),
+    # Oversized declared lengths.
+    "spec length past end": (with_crc(b"PFLU\x01\xff\xff" + b"none" + bytes(4)), "pipeline spec"),
+    "name length past end": (
+        with_crc(frame("none", [])[:-8] + struct.pack("<IH", 2, 0xFFFF) + b"w"),
+        "name needs 65535 bytes",
+    ),
+    "body length past end": (
+        with_crc(frame("none", [W_NONE, B_NONE])[:-4 - 12 - 4] + struct.pack("<I", 0xFFFFFFFF) + float32_body(B)),
+        "body",
+    ),
+    "shape past end": (
+        with_crc(frame("none", [])[:-8] + struct.pack("<IH", 2, 1) + b"w\x02" + bytes(4)),
+        "'w' shape needs 8 bytes",
+    ),
+    # Corrupted fields.
+    "invalid spec text": (frame("q:9", [W_Q8_GOOD, B_Q8_GOOD]), "bits 9"),
+    "unknown stage": (frame("zstd:3", [W_NONE, B_NONE]), "unknown stage 'zstd'"),
+    "spec not UTF-8": (frame(b"\xff\xfe", [W_NONE, B_NONE]), "UTF-8"),
+    "name not UTF-8": (frame("none", [(b"\xc3\x28", (2, 3), 1, float32_body(W)), B_NONE]), "UTF-8"),
+    "unknown dtype code": (frame("none", [("w", (2, 3), 7, float32_body(W)), B_NONE]), "dtype code 7"),
+    "dtype code zero": (frame("none", [("w", (2, 3), 0, float32_body(W)), B_NONE]), "dtype code 0"),
+    # Names and shapes.
+    "tensor count too high": (frame("none", [W_NONE, B_NONE], count=3), "tensor count is 3, expected 2"),
+    "tensor count huge": (frame("none", [W_NONE, B_NONE], count=0xFFFFFFFF), "tensor count"),
+    "missing tensor": (frame("none", [W_NONE]), "tensor count is 1"),
+    "unexpected name": (frame("none", [W_NONE, ("bias", (3,), 1, float32_body(B))]), "'bias'"),
+    "repeated name": (frame("none", [W_NONE, W_NONE]), "more than once"),
+    "wrong ndim": (frame("none", [("w", (6,), 1, float32_body(W)), B_NONE]), "ndim is 1, expected 2"),
+    "wrong shape": (
+        frame("none", [("w", (3, 2), 1, float32_body(W)), B_NONE]),
+        "shape is (3, 2), expected (2, 3)",
+    ),
+    # float32 bodies.
+    "float32 body too long": (
+        frame("none", [("w", (2, 3), 1, float32_body(W) + b"\x00"), B_NONE]),
+        "float32 body for 6 values is 25 bytes",
+    ),
+    "float32 body too short": (
+        frame("none", [("w", (2, 3), 1, float32_body(W)[:-4]), B_NONE]),
+        "expected exactly 24",
+    ),
+    "float32 NaN value": (
+        frame("none", [W_NONE, ("b", (3,), 1, float32_body([0, np.nan, 1]))]),
+        "not finite",
+    ),
+    "float32 infinite value": (
+        frame("none", [W_NONE, ("b", (3,), 1, float32_body([np.inf, 0, 1]))]),
+        "not finite",
+    ),
+    # Quantized bodies.
+    "q body too short": (q_payload(q_body([(0.0, 1.0)], Q8_CODES[:2])), "expected exactly 11"),
+    "q body too long": (q_payload(q_body([(0.0, 1.0)], Q8_CODES + b"\x00")), "expected exactly 11"),
+    "q NaN min": (q_payload(q_body([(np.nan, 1.0)], Q8_CODES)), "min nan"),
+    "q infinite scale": (q_payload(q_body([(0.0, np.inf)], Q8_CODES)), "scale inf"),
+    "q NaN scale": (q_payload(q_body([(0.0, np.nan)], Q8_CODES)), "scale nan"),
+    "q negative scale": (q_payload(q_body([(0.0, -1.0)], Q8_CODES)), "scale -1.0"),
+    "q top level overflows": (q_payload(q_body([(3e38, 3e38)], Q8_CODES)), "top level"),
+    "q padding bits set": (
+        q_payload(q_body([(0.0, 1.0)], bytes([0b00_10_01_00 | 0xC0])), "q:2", q_body([(0.0, 1.0)], bytes(2))),
+        "padding bits",
+    ),
+    "q block count wrong": (
+        q_payload(q_body([(0.0, 1.0)], bytes([0, 1, 2])), "q:8:2", q_body([(0.0, 1.0)] * 3, bytes(6))),
+        "is 11 bytes, expected exactly 19",
+    ),
+    # Top-k bodies.
+    "topk body shorter than header": (topk_payload(b"\x01\x00"), "header"),
+    "topk k above numel": (
+        topk_payload(topk_body(7, 0, varint_bytes(0, 1, 1, 1, 1, 1, 1), float32_body(range(7)))),
+        "k = 7 exceeds",
+    ),
+    "topk index length past end": (
+        topk_payload(struct.pack("<IBI", 1, 0, 1000) + b"\x00" + float32_body([1])),
+        "index length 1000",
+    ),
+    "topk unknown index coding": (
+        topk_payload(topk_body(1, 9, b"\x00", float32_body([1]))),
+        "unknown index coding 9",
+    ),
+    "topk index out of range": (
+        topk_payload(topk_body(2, 0, varint_bytes(1, 5), float32_body([1, 2]))),
+        "out of range",
+    ),
+    "topk first index out of range": (
+        topk_payload(topk_body(1, 0, varint_bytes(6), float32_body([1]))),
+        "out of range",
+    ),
+    "topk index not increasing": (
+        topk_payload(topk_body(3, 0, varint_bytes(1, 2, 0), float32_body([1, 2, 3]))),
+        "strictly increasing",
+    ),
+    "topk too few varints": (
+        topk_payload(topk_body(3, 0, varint_bytes(1, 2) + b"\x81", float32_body([1, 2, 3]))),
+        "complete varints",
+    ),
+    "topk varint too long": (
+        topk_payload(topk_body(1, 0, b"\x80\x80\x80\x80\x80\x00", float32_body([1]))),
+        "index length",
+    ),
+    "topk varint over five bytes": (
+        topk_payload(topk_body(2, 0, b"\x80\x80\x80\x80\x80\x00\x01", float32_body([1, 2]))),
+        "varint 0 is 6 bytes long",
+    ),
+    "topk varint overlong": (topk_payload(topk_body(1, 0, b"\x81\x00", float32_body([1]))), "over-long"),
+    "topk varint length below k": (
+        topk_payload(topk_body(2, 0, b"\x01", float32_body([1, 2]))),
+        "expected 2 to 10",
+    ),
+    "topk bitmap wrong length": (
+        topk_payload(topk_body(1, 1, b"\x01\x00", float32_body([1]))),
+        "bitmap index length",
+    ),
+    "topk bitmap count mismatch": (
+        topk_payload(topk_body(2, 1, b"\x01", float32_body([1, 2]))),
+        "marks 1 elements",
+    ),
+    "topk bitmap bit past end": (
+        topk_payload(topk_body(1, 1, b"\x80", float32_body([1]))),
+        "past element 5",
+    ),
+    "topk values too short": (
+        topk_payload(topk_body(2, 0, varint_bytes(0, 1), float32_body([1]))),
+        "expected exactly 8",
+    ),
+    "topk values non-finite": (
+        topk_payload(topk_body(1, 0, varint_bytes(0), float32_body([np.nan]))),
+        "not finite",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED), ids=list(MALFORMED))
+def test_malformed_payload_raises_decode_error(case):
+    payload, fragment = MALFORMED[case]
+    shapes = {"w": (2, 3), "b": (3,)}
+
+    with pytest.raises(DecodeError) as raised:
+        decode_update(payload, shapes)
+
+    message = str(raised.value)
+    assert fragment in message
+    assert "could not be decoded" not in message, "a named check should have caught this"
+
+
+def test_malformed_cases_differ_from_valid_by_one_fault():
+    # Each fixture part used above decodes when assembled correctly, so every
+    # case fails for its own fault.
+    assert decode_update(valid_none_payload(), SHAPES)
+    assert decode_update(frame(Q8_SPEC, [W_Q8_GOOD, B_Q8_GOOD]), SHAPES)["b"].tolist() == [0.0, 1.0, 2.0]
+    decoded = decode_update(frame(TOPK_SPEC, [W_TOPK_GOOD, B_TOPK_GOOD]), SHAPES)
+    assert decoded["w"].reshape(-1).tolist() == [1.0, 0.0, 2.0, 0.0, 3.0, 0.0]
+    assert decoded["b"].tolist() == [0.0, 0.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "b_body"),
+    [
+        ("topk:0.5", topk_body(1, 0, varint_bytes(2), float32_body([2.0]))),
+        ("topk:0.5:tensor", topk_body(1, 0, varint_bytes(2), float32_body([2.0]))),
+        ("topk:0.5,q:4", topk_body(1, 0, varint_bytes(2), q_body([(2.0, 0.0)], b"\x00"))),
+    ],
+)
+@pytest.mark.parametrize("coding", [0, 1])
+def test_topk_k_zero_body_decodes_to_zeros(spec, b_body, coding):
+    # Model-scope top-k may keep no entry of a tensor. The body is then k = 0,
+    # no index bytes under delta varint (a zero bitmap under bitmap coding),
+    # and an empty value section.
+    index_bytes = b"" if coding == 0 else bytes(1)
+    payload = frame(spec, [("w", (2, 3), 1, topk_body(0, coding, index_bytes, b"")), ("b", (3,), 1, b_body)])
+
+    decoded = decode_update(payload, SHAPES)
+
+    assert decoded["w"].shape == (2, 3)
+    assert not decoded["w"].any()
+    assert decoded["b"].tolist() == [0.0, 0.0, 2.0]
+
+
+def test_encoder_writes_k_zero_body():
+    update = {"w": np.full((2, 3), 0.01, np.float32), "b": B}
+
+    payload = UpdateCodec("topk:0.1").encode(update, 0)
+
+    # K = ceil(0.1 * 9) = 1 goes to the largest magnitude, b[2] = 2.0.
+    expected = frame(
+        "topk:0.1",
+        [
+            ("w", (2, 3), 1, topk_body(0, 0, b"", b"")),
+            ("b", (3,), 1, topk_body(1, 0, varint_bytes(2), float32_body([2.0]))),
+        ],
+    )
+    assert payload == expected
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes():
+    with pytest.raises(DecodeError, match=r"tensor 'w': shape is \(2, 3\), expected \(2, 4\)"):
+        decode_update(valid_none_payload(), {"w": (2, 4), "b": (3,)})
+
+
+def test_expected_spec_mismatch():
+    payload = UpdateCodec("q:8").encode({"w": W, "b": B}, 0)
+
+    assert decode_update(payload, SHAPES, expected_spec="q:8")["w"].shape == (2, 3)
+    with pytest.raises(DecodeError, match="encoded with q:8, expected topk:0.01,q:8"):
+        decode_update(payload, SHAPES, expected_spec="topk:0.01,q:8")
+
+
+@pytest.mark.parametrize("payload", ["PFLU", 12345, None, [1, 2, 3]])
+def test_non_bytes_payload(payload):
+    with pytest.raises(DecodeError):
+        decode_update(payload, SHAPES)
+
+
+def test_bytearray_and_memoryview_accepted():
+    payload = valid_none_payload()
+
+    assert decode_update(bytearray(payload), SHAPES)["b"].tolist() == B.tolist()
+    assert decode_update(memoryview(payload), SHAPES)["b"].tolist() == B.tolist()
+
+
+# --- fuzzing ---------------------------------------------------------------------
+
+
+FUZZ_SHAPES = {"conv.weight": (4, 3, 2), "conv.bias": (4,), "scale": (), "fc": (40,)}
+
+
+def fuzz_seed_payloads():
+    rng = np.random.default_rng(7)
+    update = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in FUZZ_SHAPES.items()}
+    specs = [
+        "none",
+        "q:3",
+        "q:8:5",
+        "topk:0.2,q:4",
+        "topk:0.6",
+        "topk:0.05,q:1:2",
+        "topk:0.2:tensor,q:4",
+        "topk:0.05:tensor,q:1:2",
+    ]
+    return [UpdateCodec(spec).encode(update, 3) for spec in specs]
+
+
+FUZZ_PAYLOADS = fuzz_seed_payloads()
+
+
+@settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    which=st.integers(0, len(FUZZ_PAYLOADS) - 1),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 10_000)),
+    insert=st.one_of(st.none(), st.tuples(st.integers(0, 10_000), st.binary(min_size=1, max_size=8))),
+    fix_crc=st.booleans(),
+)
+def test_fuzzed_payload_only_raises_decode_error(which, flips, cut, insert, fix_crc):
+    payload = bytearray(FUZZ_PAYLOADS[which])
+    for position, value in flips:
+        payload[position % len(payload)] = value
+    if insert is not None:
+        position, extra = insert
+        payload[position % (len(payload) + 1) : position % (len(payload) + 1)] = extra
+    if cut is not None:
+        del payload[cut % (len(payload) + 1) :]
+    if fix_crc and len(payload) >= 4:
+        payload = bytearray(refresh_crc(bytes(payload)))
+
+    try:
+        decoded = decode_update(bytes(payload), FUZZ_SHAPES)
+    except DecodeError as error:
+        assert "could not be decoded" not in str(error), str(error)
+        return
+
+    # A mutation that survives decoding must still give finite arrays of the
+    # expected shapes.
+    assert list(decoded) == list(FUZZ_SHAPES)
+    for name, shape in FUZZ_SHAPES.items():
+        assert decoded[name].shape == shape
+        assert decoded[name].dtype == np.float32
+        assert np.isfinite(decoded[name]).all()
