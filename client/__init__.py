@@ -1,1 +1,1 @@
-"""What runs on the phone: the Flower ClientApp, local training and the uplink encoder."""
+"""Phone-side code: the Flower ClientApp, local training and the uplink encoder."""

@@ -1,4 +1,4 @@
-"""What the server tells a client each round, validated on the client."""
+"""Round instructions that the server sends to clients, validated on the client."""
 
 from flwr.app import ConfigRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator

@@ -1,5 +1,6 @@
 """Run configuration: one pydantic model read from the CLI or Flower's run config."""
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,29 @@ def load_run_config(
             f"{config.num_train_people} clients or hold out fewer people."
         )
     return config
+
+
+def prepare_folders(config: RunConfig, option_names: dict[str, str] | None = None) -> None:
+    """Create the run folder (and the cache folder, if set), or raise ValueError naming the option.
+
+    Called at start-up so that a bad folder fails before any client trains.
+    """
+    option_names = option_names or {}
+    folders = [("output_dir", config.run_dir)]
+    if config.cache_dir is not None:
+        folders.append(("cache_dir", config.cache_dir))
+
+    for field_name, folder in folders:
+        option = option_names.get(field_name, _kebab_case(field_name))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(
+                f"invalid value '{folder}' for {option}: cannot create the folder "
+                f"({error.strerror}); choose a writable folder."
+            ) from None
+        if not os.access(folder, os.W_OK):
+            raise ValueError(
+                f"invalid value '{folder}' for {option}: the folder is not writable; "
+                "choose a writable folder."
+            )

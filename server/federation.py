@@ -15,7 +15,7 @@ from pocketfl.tasks.har.federation import HarFederation, load_federation
 from pocketfl.tasks.har.model import build_model
 from pocketfl.tasks.har.training import evaluate
 
-from .config import RunConfig
+from .config import RunConfig, prepare_folders
 from .report import Report, RoundRecord, Summary, write_report
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ def run_federation(
     round is appended to the report on disk, and `on_round` is called with it.
     """
     started = time.perf_counter()
+    prepare_folders(config)
     federation = load_federation(
         config.held_out_people, config.seed, str(config.cache_dir) if config.cache_dir else None
     )

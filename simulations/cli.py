@@ -5,22 +5,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pocketfl.server.config import load_run_config
-from pocketfl.server.report import ROUNDS_FILE, REPORT_FILE, Report, RoundRecord
+from pocketfl.server.config import RunConfig, load_run_config, prepare_folders
+from pocketfl.server.federation import MODEL_FILE
+from pocketfl.server.report import REPORT_FILE, ROUNDS_FILE, Report, RoundRecord
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning for phones.")
 console = Console()
 
-# CLI option names of RunConfig fields whose option is not the field's kebab name.
-OPTION_NAMES = {
-    "num_server_rounds": "--rounds",
-    "num_clients": "--clients",
-    "run_name": "--name",
-}
+# CLI option of each RunConfig field, so that errors name what the user typed.
+OPTION_NAMES = {name: "--" + name.replace("_", "-") for name in RunConfig.model_fields}
+OPTION_NAMES.update(
+    {
+        "num_server_rounds": "--rounds",
+        "num_clients": "--clients",
+        "run_name": "--name",
+    }
+)
 
 
 @cli.callback()
@@ -77,6 +82,8 @@ def simulate(
             },
             OPTION_NAMES,
         )
+        replacing = (config.run_dir / REPORT_FILE).exists()
+        prepare_folders(config, OPTION_NAMES)
     except ValueError as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         raise typer.Exit(code=2) from None
@@ -91,6 +98,9 @@ def simulate(
         f"compression '{config.compression}', error feedback {'on' if config.error_feedback else 'off'}",
         highlight=False,
     )
+    if replacing:
+        console.print(f"replacing the results in {config.run_dir}; use --name to keep them", highlight=False)
+
     with Progress(
         TextColumn("[bold]round"),
         MofNCompleteColumn(),
@@ -111,7 +121,7 @@ def simulate(
         report = run_simulation(config, on_round)
 
     _print_summary(report)
-    console.print(f"wrote {config.run_dir / REPORT_FILE} and {config.run_dir / ROUNDS_FILE}")
+    console.print(f"wrote {REPORT_FILE}, {ROUNDS_FILE} and {MODEL_FILE} in {config.run_dir}", highlight=False)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -119,17 +129,20 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
     # Flower's logger has a handler of its own; without this, each line would
-    # print twice, once through it and once through the root handler.
+    # print twice, once through it and once through the root handler. Without
+    # --verbose it shows errors only, which hides its deprecation notice for
+    # run_simulation (see simulations/engine.py). pocketfl's own warnings, such
+    # as dropped replies, still show.
     flower_logger = logging.getLogger("flwr")
-    flower_logger.setLevel(level)
+    flower_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
     flower_logger.propagate = False
 
 
 def _print_summary(report: Report) -> None:
-    table = Table(title=f"run {report.run_name}")
-    # Byte columns are in kB (1000 bytes) so the table fits 80 columns; the
-    # report holds exact byte counts.
-    for column in ("round", "accuracy", "loss", "clients", "uplink kB", "float32 kB", "ratio", "downlink kB"):
+    # Byte columns are in kB (1000 bytes) and the box is light so that the
+    # table fits 80 columns. The report contains exact byte counts.
+    table = Table(title=f"run {report.run_name}", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("round", "accuracy", "loss", "clients", "up kB", "float32 kB", "ratio", "down kB"):
         table.add_column(column, justify="right", no_wrap=True)
     for record in report.rounds:
         table.add_row(
@@ -139,20 +152,25 @@ def _print_summary(report: Report) -> None:
             f"{record.clients}/{record.sampled_clients}",
             f"{record.uplink_bytes / 1000:,.1f}",
             f"{record.uplink_float32_bytes / 1000:,.1f}",
-            f"{record.compression_ratio:.1f}x" if record.compression_ratio else "-",
+            _ratio_text(record.compression_ratio),
             f"{record.downlink_bytes / 1000:,.1f}",
         )
     console.print(table)
 
     summary = report.summary
     if summary is not None:
-        ratio = f"{summary.uplink_compression_ratio:.1f}x" if summary.uplink_compression_ratio else "-"
         console.print(
             f"final accuracy on held-out people {summary.final_accuracy:.4f} "
-            f"(best {summary.best_accuracy:.4f}); uplink {summary.total_uplink_bytes:,} bytes, "
-            f"{ratio} below float32; {summary.wall_seconds:.0f} s",
+            f"(best {summary.best_accuracy:.4f}, {summary.wall_seconds:.0f} s)\n"
+            f"uplink {summary.total_uplink_bytes:,} bytes, float32 size / uplink size = "
+            f"{_ratio_text(summary.uplink_compression_ratio)}",
             highlight=False,
         )
+
+
+def _ratio_text(ratio: float | None) -> str:
+    # Three significant digits, so that an uncompressed run shows 0.998x, not 1.0x.
+    return f"{ratio:.3g}x" if ratio else "-"
 
 
 def main() -> None:

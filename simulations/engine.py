@@ -9,7 +9,7 @@ from pocketfl.client.app import app as client_app
 from pocketfl.server.app import build_server_app
 from pocketfl.server.config import RunConfig
 from pocketfl.server.federation import RoundCallback
-from pocketfl.server.report import Report, read_report, REPORT_FILE
+from pocketfl.server.report import REPORT_FILE, Report, read_report
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +31,19 @@ def backend_config(num_cpus: int | None = None) -> dict:
 
 def simulate(config: RunConfig, on_round: RoundCallback | None = None) -> Report:
     """Run `config` with one simulated SuperNode per client and return the report."""
-    # Flower's telemetry would try the network, which phones-in-a-laptop runs
-    # must not need.
+    # Flower's telemetry would try the network, which simulations must not need.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # Ray keeps CUDA_VISIBLE_DEVICES alone for num_gpus=0 with this set, which
+    # is what it will do by default and what silences its FutureWarning.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
     num_clients = config.resolved_num_clients
     config = config.model_copy(update={"num_clients": num_clients})
     logger.info("simulating %d clients for %d rounds", num_clients, config.num_server_rounds)
 
+    # NOTE: flwr 1.42 marks run_simulation as deprecated in favour of `flwr run`.
+    # It is still the in-process entry to the same Simulation Engine, and the
+    # only one that needs no SuperLink process and can report progress here.
     run_simulation(
         server_app=build_server_app(config, on_round),
         client_app=client_app,

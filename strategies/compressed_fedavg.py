@@ -12,18 +12,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from pocketfl.compression import DecodeError, decode_update, payload_float32_bytes
 
+from .replies import EVALUATE_METRICS, TRAIN_METRICS, WeightedMetrics, read_metrics
 from .streaming import StreamingMean
 
 logger = logging.getLogger(__name__)
 
 UPDATE_KEY = "update"
 PAYLOAD_KEY = "payload"
-METRICS_KEY = "metrics"
-NUM_EXAMPLES_KEY = "num-examples"
-
-# A phone reports its own example count, which weights its update. Counts above
-# this bound are rejected so that one reply cannot dominate the average.
-MAX_NUM_EXAMPLES = 10_000_000
 
 
 @dataclass
@@ -50,9 +45,11 @@ class CompressedFedAvg(FedAvg):
     decode costs that reply only: it is logged with its node id and left out of
     the average.
 
-    Parameters are those of `flwr.serverapp.strategy.FedAvg`. Replies must carry
-    a ConfigRecord "update" with the bytes entry "payload" and a MetricRecord
-    "metrics" with "num-examples".
+    Parameters are those of `flwr.serverapp.strategy.FedAvg`. Train replies must
+    carry a ConfigRecord "update" with the bytes entry "payload" and a
+    MetricRecord "metrics" with "num-examples" and the keys of `TRAIN_METRICS`.
+    Evaluate replies carry "num-examples" and the keys of `EVALUATE_METRICS`.
+    The round's metrics are weighted means of those keys only.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -81,25 +78,32 @@ class CompressedFedAvg(FedAvg):
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         expected_shapes = {name: array.shape for name, array in self._global.items()}
         running_mean = StreamingMean(expected_shapes)
-        good_replies = []
+        train_metrics = WeightedMetrics()
 
         for reply in replies:
             node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                traffic.failed_clients += 1
+                logger.warning(
+                    "round %d: node %d failed to train: %s", server_round, node_id, reply.error.reason
+                )
+                continue
+
             try:
-                delta, weight = self._decode_reply(reply, expected_shapes)
+                delta, weight, metrics = self._decode_reply(reply, expected_shapes)
             except DecodeError as error:
                 traffic.failed_clients += 1
                 logger.warning("round %d: dropped reply from node %d: %s", server_round, node_id, error)
                 continue
 
             running_mean.add(delta, weight)
-            good_replies.append(reply.content)
+            train_metrics.add(metrics, weight)
 
             traffic.clients += 1
             traffic.uplink_bytes += len(reply.content[UPDATE_KEY][PAYLOAD_KEY])
             traffic.uplink_message_bytes += recorddict_to_proto(reply.content).ByteSize()
             traffic.uplink_float32_bytes += payload_float32_bytes(expected_shapes)
-            traffic.train_seconds.append(float(reply.content[METRICS_KEY].get("train-seconds", 0.0)))
+            traffic.train_seconds.append(metrics["train-seconds"])
 
         logger.info(
             "round %d: aggregated %d of %d replies (%d dropped)",
@@ -113,31 +117,42 @@ class CompressedFedAvg(FedAvg):
 
         mean_delta = running_mean.mean()
         new_global = {name: self._global[name] + mean_delta[name] for name in self._global}
-        metrics = self.train_metrics_aggr_fn(good_replies, self.weighted_by_key)
-        return ArrayRecord({name: Array(values) for name, values in new_global.items()}), metrics
+        arrays = ArrayRecord({name: Array(values) for name, values in new_global.items()})
+        return arrays, train_metrics.mean()
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Average the clients' local evaluation metrics, leaving out invalid replies."""
+        evaluate_metrics = WeightedMetrics()
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning(
+                    "round %d: node %d failed to evaluate: %s", server_round, node_id, reply.error.reason
+                )
+                continue
+
+            try:
+                weight, metrics = read_metrics(reply.content, EVALUATE_METRICS)
+            except DecodeError as error:
+                logger.warning(
+                    "round %d: dropped evaluate reply from node %d: %s", server_round, node_id, error
+                )
+                continue
+            evaluate_metrics.add(metrics, weight)
+
+        return evaluate_metrics.mean()
 
     def _decode_reply(
         self, reply: Message, expected_shapes: dict[str, tuple[int, ...]]
-    ) -> tuple[dict[str, np.ndarray], int]:
-        """Return (delta, weight) of one reply, or raise DecodeError naming what is wrong."""
-        if reply.has_error():
-            raise DecodeError(f"client error: {reply.error.reason}")
-
+    ) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
+        """Return (delta, weight, metrics) of one reply, or raise DecodeError naming what is wrong."""
         content = reply.content
-        if UPDATE_KEY not in content.config_records or METRICS_KEY not in content.metric_records:
-            raise DecodeError(
-                f"reply lacks the ConfigRecord '{UPDATE_KEY}' or the MetricRecord '{METRICS_KEY}'"
-            )
+        if UPDATE_KEY not in content.config_records:
+            raise DecodeError(f"reply has no ConfigRecord '{UPDATE_KEY}'")
 
         payload = content.config_records[UPDATE_KEY].get(PAYLOAD_KEY)
         if not isinstance(payload, bytes):
             raise DecodeError(f"'{UPDATE_KEY}.{PAYLOAD_KEY}' must be bytes, got {type(payload).__name__}")
 
-        weight = content.metric_records[METRICS_KEY].get(NUM_EXAMPLES_KEY)
-        if not isinstance(weight, int) or not 1 <= weight <= MAX_NUM_EXAMPLES:
-            raise DecodeError(
-                f"'{NUM_EXAMPLES_KEY}'={weight!r} must be an integer from 1 to {MAX_NUM_EXAMPLES}"
-            )
-
-        return decode_update(payload, expected_shapes), weight
-
+        weight, metrics = read_metrics(content, TRAIN_METRICS)
+        return decode_update(payload, expected_shapes), weight, metrics

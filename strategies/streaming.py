@@ -9,7 +9,7 @@ class StreamingMean:
     """Weighted mean of updates added one at a time.
 
     Memory is one float64 sum per tensor, whatever the number of updates, so a
-    server never holds one decoded update per client. The sum is kept in
+    server never keeps one decoded update per client. The sum is kept in
     float64 because thousands of float32 additions would lose the low bits of
     small updates.
     """

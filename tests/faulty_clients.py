@@ -1,29 +1,67 @@
-"""ClientApps that misbehave on purpose, importable by the Simulation Engine's workers."""
+"""A ClientApp whose clients misbehave in different ways, by partition id.
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+The Simulation Engine's workers import this module by name, so the test puts
+this folder on PYTHONPATH.
+
+| partition | train reply | evaluate reply |
+| --- | --- | --- |
+| 0 | payload with one byte flipped | num-examples 0 |
+| 1 | negative train-seconds | honest |
+| 2 | honest, behind an extra MetricRecord | an extra metric key |
+| 3 | raises an exception | raises an exception |
+| 4 and up | honest | honest |
+"""
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pocketfl.client import app as honest
+
+CORRUPT_PAYLOAD = 0
+NEGATIVE_SECONDS = 1
+EXTRA_RECORDS = 2
+RAISES = 3
 
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train honestly, then corrupt the payload of partition 0 by flipping one byte."""
-    reply = honest.train(msg, context)
-    if int(context.node_config["partition-id"]) != 0:
-        return reply
+    """Train honestly, then damage the reply as the table above says."""
+    partition_id = int(context.node_config["partition-id"])
+    if partition_id == RAISES:
+        raise RuntimeError("simulated crash during training")
 
-    payload = bytearray(reply.content["update"]["payload"])
-    payload[len(payload) // 2] ^= 0xFF
-    content = RecordDict(
-        {"update": ConfigRecord({"payload": bytes(payload)}), "metrics": reply.content["metrics"]}
-    )
-    return Message(content=content, reply_to=msg)
+    reply = honest.train(msg, context)
+    payload = reply.content["update"]["payload"]
+    metrics = dict(reply.content["metrics"])
+
+    if partition_id == CORRUPT_PAYLOAD:
+        damaged = bytearray(payload)
+        damaged[len(damaged) // 2] ^= 0xFF
+        payload = bytes(damaged)
+    if partition_id == NEGATIVE_SECONDS:
+        metrics["train-seconds"] = -100.0
+
+    records = {}
+    if partition_id == EXTRA_RECORDS:
+        records["aaa"] = MetricRecord({"battery": 0.5})
+    records["update"] = ConfigRecord({"payload": payload})
+    records["metrics"] = MetricRecord(metrics)
+    return Message(content=RecordDict(records), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate honestly."""
-    return honest.evaluate(msg, context)
+    """Evaluate honestly, then damage the reply as the table above says."""
+    partition_id = int(context.node_config["partition-id"])
+    if partition_id == RAISES:
+        raise RuntimeError("simulated crash during evaluation")
+
+    reply = honest.evaluate(msg, context)
+    metrics = dict(reply.content["metrics"])
+    if partition_id == CORRUPT_PAYLOAD:
+        metrics["num-examples"] = 0
+    if partition_id == EXTRA_RECORDS:
+        metrics["battery"] = 0.5
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -17,9 +17,11 @@ runner = CliRunner()
         (["--clients", "40"], "<= 29"),
         (["--compression", "topk:1.5"], "compression"),
         (["--compression", "q:12"], "compression"),
-        (["--learning-rate", "-0.1"], "for learning-rate:"),
-        (["--fraction-train", "0"], "for fraction-train:"),
+        (["--learning-rate", "-0.1"], "for --learning-rate:"),
+        (["--fraction-train", "0"], "for --fraction-train:"),
         (["--name", "../x"], "for --name:"),
+        (["--held-out-people", "29"], "for --held-out-people:"),
+        (["--compression", "topk:nan"], "for --compression:"),
     ],
 )
 def test_bad_option_fails_before_running(arguments, expected, tmp_path):
@@ -41,3 +43,14 @@ def test_help_lists_main_options():
     assert result.exit_code == 0
     for option in ("--rounds", "--clients", "--compression", "--seed"):
         assert option in result.output
+
+
+def test_output_dir_that_is_a_file_fails_at_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    result = runner.invoke(cli, ["simulate", "--rounds", "1", "--output-dir", str(blocker)])
+
+    assert result.exit_code == 2
+    assert "for --output-dir:" in result.output
+    assert blocker.read_text() == "not a folder"

@@ -61,13 +61,13 @@ def test_uncompressed_run_sends_float32(tmp_path):
     assert record.uplink_bytes > record.uplink_float32_bytes
 
 
-def test_corrupt_payload_costs_one_reply_not_the_round(tmp_path, monkeypatch):
+def test_bad_replies_cost_those_replies_not_the_round(tmp_path, monkeypatch):
     # The Ray workers import tests/faulty_clients.py by name.
     monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
     monkeypatch.syspath_prepend(str(TESTS_DIR))
     import faulty_clients
 
-    config = _config(tmp_path)
+    config = _config(tmp_path, num_clients=5)
     run_simulation(
         server_app=build_server_app(config),
         client_app=faulty_clients.app,
@@ -78,6 +78,20 @@ def test_corrupt_payload_costs_one_reply_not_the_round(tmp_path, monkeypatch):
     report = read_report(config.run_dir / "report.json")
     assert len(report.rounds) == 2
     for record in report.rounds:
-        assert record.failed_clients == 1
+        # Partitions 0 (corrupt payload), 1 (negative seconds) and 3 (crash) fail.
+        assert record.failed_clients == 3
         assert record.clients == 2
+        assert record.sampled_clients == 5
         assert record.uplink_float32_bytes == 2 * 4 * report.num_parameters
+        assert record.mean_train_seconds >= 0
+        assert 0.0 <= record.client_accuracy <= 1.0
+    assert report.summary.completed_rounds == 2
+
+
+def test_same_seed_gives_same_report(tmp_path):
+    timing = {"wall_seconds", "mean_train_seconds"}
+    first = simulate(_config(tmp_path, run_name="first", num_server_rounds=1))
+    second = simulate(_config(tmp_path, run_name="second", num_server_rounds=1))
+
+    assert first.rounds[0].model_dump(exclude=timing) == second.rounds[0].model_dump(exclude=timing)
+    assert first.held_out_people == second.held_out_people

@@ -12,7 +12,7 @@ LOCAL_EVAL_FRACTION = 0.2
 
 @dataclass(frozen=True)
 class PeopleSplit:
-    """Which people train as clients and which the server keeps for central evaluation."""
+    """Split of people into clients and the held-out set for central evaluation."""
 
     train_people: tuple[int, ...]
     held_out_people: tuple[int, ...]

@@ -16,7 +16,7 @@ MAX_GRAD_NORM = 1.0
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What one local training run reports."""
+    """Outcome of one local training run: examples seen, mean loss, wall time."""
 
     num_examples: int
     loss: float
