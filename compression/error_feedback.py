@@ -43,15 +43,29 @@ def encode_with_error_feedback(
     seed : int
         Seed of the stochastic rounding, as in `UpdateCodec.encode`.
 
+    Returns
+    -------
+    tuple[bytes, dict[str, np.ndarray]]
+        The payload, and the new residual as float32 arrays with the update's
+        names and shapes, 0-d arrays included.
+
     Raises
     ------
     ValueError
-        If the residual's names or shapes differ from the update's, or the
-        sum is not finite.
+        If the update is not a mapping, a tensor is not a floating-point array,
+        the residual's names or shapes differ from the update's, or the sum is
+        not finite.
     """
+    if not isinstance(update, Mapping):
+        raise ValueError(f"update must be a mapping of name to array, got {type(update).__name__}")
+    if residual is not None and not isinstance(residual, Mapping):
+        raise ValueError(
+            f"residual must be None or a mapping of name to array, got {type(residual).__name__}"
+        )
+
     corrected = {}
     for name, array in update.items():
-        values = np.asarray(array, dtype=np.float32)
+        values = _float32_tensor(array, f"tensor {name!r}")
         if residual is not None:
             values = values + _matching_residual(residual, name, values.shape)
         corrected[name] = values
@@ -67,8 +81,22 @@ def encode_with_error_feedback(
     shapes = {name: values.shape for name, values in corrected.items()}
     decoded = decode_update(payload, shapes)
 
-    new_residual = {name: corrected[name] - decoded[name] for name in corrected}
+    # Subtracting two 0-d arrays gives a numpy scalar, so each difference is
+    # turned back into an array of the tensor's shape.
+    new_residual = {
+        name: np.asarray(corrected[name] - decoded[name], dtype=np.float32).reshape(shapes[name])
+        for name in corrected
+    }
     return payload, new_residual
+
+
+def _float32_tensor(array: object, where: str) -> np.ndarray:
+    # The same dtype rule as UpdateCodec.encode, checked before the residual is
+    # added so that an int update is rejected and not silently converted.
+    values = np.asarray(array)
+    if not np.issubdtype(values.dtype, np.floating):
+        raise ValueError(f"{where}: dtype {values.dtype} is not a floating-point type; pass float32")
+    return np.asarray(values, dtype=np.float32)
 
 
 def _matching_residual(
@@ -79,7 +107,7 @@ def _matching_residual(
             f"residual lacks tensor {name!r}; pass None in the first round or after a model change"
         )
 
-    values = np.asarray(residual[name], dtype=np.float32)
+    values = _float32_tensor(residual[name], f"residual for tensor {name!r}")
     if values.shape != shape:
         raise ValueError(
             f"residual for tensor {name!r} has shape {values.shape}, the update has {shape}"

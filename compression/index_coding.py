@@ -7,6 +7,10 @@ Two codings exist, and the writer sends whichever is shorter (delta varint on a 
   every byte but the last). Short when few indices are kept.
 - bitmap: one bit per element of the tensor, little-endian bit order, set where
   the element is kept. Short when more than about one in eight is kept.
+
+Readers hold the writer to its choice in one direction: a delta varint section
+longer than the bitmap for the same tensor is rejected (a tie is accepted). This
+caps the varint section at numel / 8 bytes, and so the decoder's memory for it.
 """
 
 import numpy as np
@@ -72,11 +76,35 @@ def decode_indices(
 ) -> np.ndarray:
     """Decode `count` kept indices and check them against a tensor of `numel` elements.
 
+    Returns the indices as a sorted int64 array. `decode_selection` returns the
+    same selection with less memory for a bitmap.
+
     Raises
     ------
     DecodeError
         If the coding id is unknown, the byte length is wrong for the coding, or
         the indices are out of range or not strictly increasing.
+    """
+    selection = decode_selection(coding, data, count, numel, where)
+    if selection.dtype == bool:
+        return np.flatnonzero(selection)
+    return selection
+
+
+def decode_selection(
+    coding: int, data: np.ndarray, count: int, numel: int, where: str
+) -> np.ndarray:
+    """Decode the kept elements as an array that indexes a flat tensor of `numel` elements.
+
+    A bitmap decodes to a boolean mask of `numel` entries (1 byte per element,
+    where int64 indices would take up to 8). A delta varint section decodes to
+    sorted int64 indices. Either one, used as ``dense[selection] = values``,
+    assigns the values in increasing index order.
+
+    Raises
+    ------
+    DecodeError
+        As `decode_indices`.
     """
     if coding == BITMAP:
         return _decode_bitmap(data, count, numel, where)
@@ -99,13 +127,24 @@ def _decode_bitmap(data: np.ndarray, count: int, numel: int, where: str) -> np.n
     if bits[numel:].any():
         raise DecodeError(f"{where}: bitmap has bits set past element {numel - 1}")
 
-    indices = np.flatnonzero(bits[:numel])
-    if indices.size != count:
-        raise DecodeError(f"{where}: bitmap marks {indices.size} elements, expected k = {count}")
-    return indices
+    mask = bits[:numel].view(bool)
+    marked = int(np.count_nonzero(mask))
+    if marked != count:
+        raise DecodeError(f"{where}: bitmap marks {marked} elements, expected k = {count}")
+    return mask
 
 
 def _decode_delta_varint(data: np.ndarray, count: int, numel: int, where: str) -> np.ndarray:
+    # The writer sends a varint section only when it is no longer than the
+    # bitmap, so a longer one is not canonical. Rejecting it first bounds every
+    # array below by the bitmap size, numel / 8 bytes, whatever k claims.
+    limit = bitmap_size(numel)
+    if data.size > limit:
+        raise DecodeError(
+            f"{where}: delta varint index length is {data.size} bytes, longer than the "
+            f"{limit}-byte bitmap for {numel} elements; a writer must send the bitmap"
+        )
+
     if count == 0:
         if data.size != 0:
             raise DecodeError(
@@ -128,25 +167,50 @@ def _decode_delta_varint(data: np.ndarray, count: int, numel: int, where: str) -
             f"(last ends at byte {ends[-1] if ends.size else -1} of {data.size}), expected k = {count}"
         )
 
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts + 1
+    # Byte positions are below 2**32 because the index length is a u32, so
+    # uint32 halves the k-sized arrays. The first varint starts at byte 0.
+    ends = ends.astype(np.uint32)
+    lengths = np.empty(count, dtype=np.uint32)
+    lengths[0] = ends[0] + 1
+    np.subtract(ends[1:], ends[:-1], out=lengths[1:])
     if lengths.max() > MAX_VARINT_BYTES:
         position = int(np.argmax(lengths))
         raise DecodeError(
             f"{where}: varint {position} is {lengths[position]} bytes long, "
             f"the maximum is {MAX_VARINT_BYTES}"
         )
+    lengths = lengths.astype(np.uint8)
 
     # A multi-byte varint ending in 0x00 is an over-long form, and rejecting it
     # keeps one byte sequence per index list.
-    overlong = (lengths > 1) & (data[ends] == 0)
+    last_bytes = data[ends]
+    overlong = (lengths > 1) & (last_bytes == 0)
     if overlong.any():
         position = int(np.argmax(overlong))
         raise DecodeError(f"{where}: varint {position} uses an over-long encoding")
 
-    group = np.arange(data.size) - np.repeat(starts, lengths)
-    parts = (data & 0x7F).astype(np.uint64) << (np.uint64(7) * group.astype(np.uint64))
-    deltas = np.add.reduceat(parts, starts)
+    # The fifth byte carries bits 28 and up, so a value of 16 or more there
+    # means a difference of at least 2**32, beyond any numel. Checking it first
+    # lets the differences be summed in uint32 without overflow.
+    too_wide = (lengths == MAX_VARINT_BYTES) & (last_bytes >= 16)
+    if too_wide.any():
+        position = int(np.argmax(too_wide))
+        raise DecodeError(
+            f"{where}: index difference at position {position} is at least 2**32, "
+            f"out of range for {numel} elements"
+        )
+
+    # Horner's rule from the last (most significant) byte of each varint down
+    # to its first, one byte position at a time: a handful of k-sized uint32
+    # arrays instead of several uint64 arrays per index byte.
+    deltas = last_bytes.astype(np.uint32)
+    del last_bytes, overlong, too_wide
+    for back in range(1, MAX_VARINT_BYTES):
+        longer = np.flatnonzero(lengths > back)
+        if longer.size == 0:
+            break
+        low = data[ends[longer] - back] & np.uint8(0x7F)
+        deltas[longer] = (deltas[longer] << np.uint32(7)) | low
 
     # Bounding each difference first keeps the running sum far from uint64
     # overflow: k and numel are both below 2**32.
@@ -157,19 +221,22 @@ def _decode_delta_varint(data: np.ndarray, count: int, numel: int, where: str) -
             f"is out of range for {numel} elements"
         )
 
-    indices = np.cumsum(deltas)
-
     repeated = np.flatnonzero(deltas[1:] == 0)
     if repeated.size:
         position = int(repeated[0]) + 1
+        index = int(deltas[: position + 1].sum(dtype=np.uint64))
         raise DecodeError(
-            f"{where}: index {int(indices[position])} at position {position} is not greater "
+            f"{where}: index {index} at position {position} is not greater "
             "than the previous index; indices must be strictly increasing"
         )
 
+    # Every sum stays below k * numel < 2**64, and below 2**63 once the last
+    # index is checked, so the uint64 result is reinterpreted as int64 without a copy.
+    indices = np.cumsum(deltas, dtype=np.uint64)
+    del deltas
     if indices[-1] >= numel:
         raise DecodeError(
             f"{where}: index {int(indices[-1])} at position {count - 1} is out of range "
             f"for {numel} elements"
         )
-    return indices.astype(np.int64)
+    return indices.view(np.int64)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .bitpack import pack_codes, packed_size, padding_bits_are_zero, unpack_codes
 from .errors import DecodeError
-from .index_coding import decode_indices, encode_indices
+from .index_coding import decode_selection, encode_indices
 from .spec import DEFAULT_TOPK_SCOPE, TOPK_SCOPES, CompressionSpec
 
 _LE_FLOAT32 = np.dtype("<f4")
@@ -154,11 +154,13 @@ class Quantize:
         if count == 0:
             return np.empty(0, dtype=np.float32)
 
+        # Memory: the float32 result, the uint8 codes and one float32 per block
+        # for the checks. On little-endian hosts the parameters are read in place.
         blocks = self.num_blocks(count)
         parameters = np.frombuffer(body, dtype=_LE_FLOAT32, count=2 * blocks)
-        parameters = parameters.astype(np.float32).reshape(blocks, 2)
-        mins = parameters[:, 0].copy()
-        scales = parameters[:, 1].copy()
+        parameters = parameters.astype(np.float32, copy=False).reshape(blocks, 2)
+        mins = parameters[:, 0]
+        scales = parameters[:, 1]
         self._check_parameters(mins, scales, where)
 
         packed = np.frombuffer(body, dtype=np.uint8, offset=8 * blocks)
@@ -166,15 +168,24 @@ class Quantize:
             raise DecodeError(f"{where}: padding bits after the last {self.bits}-bit code are not zero")
         codes = unpack_codes(packed, count, self.bits)
 
+        values = codes.astype(np.float32)
+        del codes
         if blocks == 1:
-            return mins[0] + codes.astype(np.float32) * scales[0]
+            values *= scales[0]
+            values += mins[0]
+            return values
 
-        padded = np.zeros(blocks * self.block_size, dtype=np.float32)
-        padded[:count] = codes
-        padded = padded.reshape(blocks, self.block_size)
-        padded *= scales[:, None]
-        padded += mins[:, None]
-        return padded.reshape(-1)[:count]
+        # Full blocks as a (blocks, block_size) view, then the shorter last block.
+        full = count // self.block_size
+        if full:
+            grid = values[: full * self.block_size].reshape(full, self.block_size)
+            grid *= scales[:full, None]
+            grid += mins[:full, None]
+        if full < blocks:
+            tail = values[full * self.block_size :]
+            tail *= scales[full]
+            tail += mins[full]
+        return values
 
     def _as_blocks(self, values: np.ndarray) -> np.ndarray:
         count = values.size
@@ -208,12 +219,15 @@ class Quantize:
         return scales
 
     def _check_parameters(self, mins: np.ndarray, scales: np.ndarray, where: str) -> None:
+        # A finite top level implies a finite min and a finite scale, so two
+        # checks cover all four rules with one float32 temporary per block.
         with np.errstate(over="ignore", invalid="ignore"):
-            tops = mins + np.float32(self.levels) * scales
-        valid = np.isfinite(mins) & np.isfinite(scales) & (scales >= 0) & np.isfinite(tops)
-        if valid.all():
+            tops = scales * np.float32(self.levels)
+            tops += mins
+        if np.isfinite(tops).all() and (scales >= 0).all():
             return
 
+        valid = np.isfinite(mins) & np.isfinite(scales) & (scales >= 0) & np.isfinite(tops)
         block = int(np.argmin(valid))
         raise DecodeError(
             f"{where}: block {block} has min {mins[block]} and scale {scales[block]}; "
@@ -361,11 +375,13 @@ class TopK:
             )
 
         index_bytes = np.frombuffer(body, dtype=np.uint8, count=index_size, offset=self.HEADER.size)
-        indices = decode_indices(coding, index_bytes, k, numel, where)
+        selection = decode_selection(coding, index_bytes, k, numel, where)
         values = value_stage.decode(body[index_end:], k, f"{where} (top-k values)")
 
+        # A bitmap selects through a boolean mask (1 byte per element) and a
+        # varint section through int64 indices, at most numel / 8 of them.
         dense = np.zeros(numel, dtype=np.float32)
-        dense[indices] = values
+        dense[selection] = values
         return dense
 
 

@@ -164,3 +164,52 @@ def test_error_feedback_deterministic():
 
     assert first[0] == second[0]
     np.testing.assert_array_equal(first[1]["w"], second[1]["w"])
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_])
+def test_non_float_update_rejected_like_encode(dtype):
+    codec = UpdateCodec("topk:0.5,q:4")
+    update = {"w": np.ones((2, 3), dtype=dtype)}
+
+    with pytest.raises(ValueError, match="tensor 'w': dtype .* is not a floating-point type"):
+        codec.encode(update, seed=0)
+    with pytest.raises(ValueError, match="tensor 'w': dtype .* is not a floating-point type"):
+        encode_with_error_feedback(codec, update, None, seed=0)
+
+
+def test_non_float_residual_rejected():
+    codec = UpdateCodec("q:4")
+    update = {"w": np.ones(3, np.float32)}
+
+    with pytest.raises(ValueError, match="residual for tensor 'w': dtype int64"):
+        encode_with_error_feedback(codec, update, {"w": np.zeros(3, np.int64)}, seed=0)
+
+
+@pytest.mark.parametrize("update", [[("w", np.ones(3, np.float32))], np.ones(3, np.float32), None])
+def test_non_mapping_update_rejected(update):
+    with pytest.raises(ValueError, match="update must be a mapping"):
+        encode_with_error_feedback(UpdateCodec("q:4"), update, None, seed=0)
+
+
+def test_non_mapping_residual_rejected():
+    update = {"w": np.ones(3, np.float32)}
+
+    with pytest.raises(ValueError, match="residual must be None or a mapping"):
+        encode_with_error_feedback(UpdateCodec("q:4"), update, [np.zeros(3, np.float32)], seed=0)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.5,q:4", "q:2", "none"])
+def test_residual_keeps_shapes_and_float32(spec):
+    update = {
+        "s": np.array(0.7, np.float64),
+        "v": np.linspace(-1, 1, 5),
+        "m": np.ones((2, 3), np.float32),
+    }
+
+    _, residual = encode_with_error_feedback(UpdateCodec(spec), update, None, seed=1)
+    _, residual = encode_with_error_feedback(UpdateCodec(spec), update, residual, seed=2)
+
+    for name, array in update.items():
+        assert isinstance(residual[name], np.ndarray), name
+        assert residual[name].dtype == np.float32, name
+        assert residual[name].shape == np.shape(array), name

@@ -170,6 +170,85 @@ def test_unpickler_allows_numpy_1_arrays():
     np.testing.assert_array_equal(restored, array)
 
 
+def test_ndarray_global_cannot_allocate():
+    # numpy.ndarray((10**9,), 'u1') from about 40 bytes would allocate 1 GB.
+    payload = b"\x80\x02cnumpy\nndarray\n(J\x00\xca\x9a;tX\x02\x00\x00\x00u1\x86R."
+
+    with pytest.raises(UnsafePickleError, match="cannot be called"):
+        restricted_loads(payload)
+
+
+def test_ndarray_global_cannot_view_one_byte():
+    # ndarray((10**12,), 'u1', b'x', 0, (0,)): a 10**12-element view over one byte.
+    payload = (
+        b"\x80\x02cnumpy\nndarray\n"
+        b"(\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85X\x02\x00\x00\x00u1C\x01xK\x00K\x00\x85t"
+        b"R."
+    )
+
+    with pytest.raises(UnsafePickleError, match="cannot be called"):
+        restricted_loads(payload)
+
+
+RECONSTRUCT = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        b"K\x00\x85C\x01b",  # the allowed call: shape (0,), typecode b'b'
+        b"J\x00\xca\x9a;\x85C\x01b",  # shape (10**9,)
+        b"K\x00\x85C\x01d",  # another typecode
+    ],
+)
+def test_reconstruct_accepts_only_empty_int8_call(arguments):
+    if arguments.startswith(b"K\x00\x85C\x01b"):
+        # The one allowed call, as a control: it builds an empty array.
+        restored = restricted_loads(RECONSTRUCT + arguments + b"\x87R.")
+        assert restored.shape == (0,)
+        return
+
+    with pytest.raises(UnsafePickleError, match="_reconstruct called with"):
+        restricted_loads(RECONSTRUCT + arguments + b"\x87R.")
+
+
+def reconstruct_then_build(state: bytes) -> bytes:
+    """_reconstruct(ndarray, (0,), b'b') followed by BUILD with the given pickled state."""
+    return RECONSTRUCT + b"K\x00\x85C\x01b\x87R" + state + b"b."
+
+
+@pytest.mark.parametrize(
+    ("state", "fragment"),
+    [
+        # 10**12 elements of the zero-size dtype V0 over no bytes.
+        (
+            b"(K\x01\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85cnumpy\ndtype\nX\x02\x00\x00\x00V0\x85R\x89C\x00t",
+            "exceeding the limit",
+        ),
+        # An object array whose list is shorter than its shape (crashes numpy 2.4 unchecked).
+        (
+            b"(K\x01J@B\x0f\x00\x85cnumpy\ndtype\nX\x02\x00\x00\x00O8\x85R\x89]K\x01at",
+            "needs a list of 1000000 items",
+        ),
+        # A byte buffer that does not match the shape.
+        (b"(K\x01K\x04\x85cnumpy\ndtype\nX\x02\x00\x00\x00u1\x85R\x89C\x01xt", "needs 4 bytes"),
+        # A state that is not the 5-tuple numpy writes.
+        (b"K\x07", "5-tuple"),
+    ],
+)
+def test_ndarray_state_checked_before_numpy(state, fragment):
+    with pytest.raises(UnsafePickleError, match=fragment):
+        restricted_loads(reconstruct_then_build(state))
+
+
+def test_ndarray_sentinel_rejects_build():
+    # BUILD with a dict state on the ndarray marker must not set attributes on it.
+    payload = b"\x80\x02cnumpy\nndarray\n}X\x01\x00\x00\x00aK\x01sb."
+
+    with pytest.raises((UnsafePickleError, AttributeError, pickle.UnpicklingError)):
+        restricted_loads(payload)
+
+
 def test_read_hapt_pickle_rejects_gzip_payload(tmp_path):
     path = tmp_path / "evil.pkl.gz"
     with gzip.open(path, "wb") as stream:
@@ -504,3 +583,69 @@ def test_cache_argument_overrides_env_var(real_windows, tmp_path, monkeypatch):
 
     assert not env_dir.exists()
     assert [path.name for path in cache_files(argument_dir)] == [har_data._CACHE_FILE_NAME]
+
+
+def write_npz(path: Path, **arrays) -> None:
+    with path.open("wb") as stream:
+        np.savez(stream, **arrays)
+
+
+def valid_cache_arrays() -> dict[str, np.ndarray]:
+    return {
+        "x": np.zeros((2, NUM_CHANNELS, WINDOW_SIZE), np.float32),
+        "y": np.zeros(2, np.int64),
+        "person": np.ones(2, np.int64),
+        "format_version": np.int64(har_data._CACHE_FORMAT_VERSION),
+    }
+
+
+def corrupt_caches() -> dict[str, dict[str, np.ndarray]]:
+    version_pair = {**valid_cache_arrays(), "format_version": np.array([1, 1])}
+    version_float = {**valid_cache_arrays(), "format_version": np.float64(1.5)}
+    version_text = {**valid_cache_arrays(), "format_version": np.array("1")}
+    wrong_dtype = {**valid_cache_arrays(), "x": np.zeros((2, NUM_CHANNELS, WINDOW_SIZE), np.float64)}
+    missing = {name: array for name, array in valid_cache_arrays().items() if name != "person"}
+    return {
+        "format_version shape (2,)": version_pair,
+        "format_version float": version_float,
+        "format_version text": version_text,
+        "x float64": wrong_dtype,
+        "person missing": missing,
+    }
+
+
+@pytest.mark.parametrize("case", list(corrupt_caches()))
+def test_corrupt_cache_entries_rebuilt(case, tmp_path, monkeypatch, caplog):
+    cache_path = tmp_path / har_data._CACHE_FILE_NAME
+    write_npz(cache_path, **corrupt_caches()[case])
+    sessions = {3: [synthetic_session([1] * 256)]}
+    monkeypatch.setattr(har_data, "locate_hapt_pickle", lambda: tmp_path / "HAPT.pkl.gz")
+    monkeypatch.setattr(har_data, "read_hapt_pickle", lambda path: sessions)
+
+    with caplog.at_level(logging.WARNING, logger=har_data.__name__):
+        rebuilt = load_har_windows(tmp_path)
+
+    assert "unreadable" in caplog.text
+    assert len(rebuilt) == 3
+    assert load_har_windows(tmp_path).person.tolist() == [3, 3, 3]
+
+
+def test_cache_with_corrupt_deflate_member_rebuilt(tmp_path, monkeypatch, caplog):
+    # A compressed member whose deflate stream is cut short raises zlib.error
+    # or EOFError inside numpy, which the cache reader must absorb too.
+    cache_path = tmp_path / har_data._CACHE_FILE_NAME
+    with cache_path.open("wb") as stream:
+        np.savez_compressed(stream, **valid_cache_arrays())
+    raw = bytearray(cache_path.read_bytes())
+    start = raw.index(b"x.npy") + len(b"x.npy")
+    raw[start + 10 : start + 40] = bytes(30)
+    cache_path.write_bytes(bytes(raw))
+    sessions = {4: [synthetic_session([2] * 128)]}
+    monkeypatch.setattr(har_data, "locate_hapt_pickle", lambda: tmp_path / "HAPT.pkl.gz")
+    monkeypatch.setattr(har_data, "read_hapt_pickle", lambda path: sessions)
+
+    with caplog.at_level(logging.WARNING, logger=har_data.__name__):
+        rebuilt = load_har_windows(tmp_path)
+
+    assert "unreadable" in caplog.text
+    assert rebuilt.person.tolist() == [4]

@@ -2,6 +2,7 @@
 
 import re
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -131,11 +132,17 @@ B_Q8_GOOD = ("b", (3,), 1, q_body([(0.0, 1.0)], Q8_CODES))
 W_Q8_GOOD = ("w", (2, 3), 1, q_body([(0.0, 1.0)], bytes(6)))
 TOPK_SPEC = "topk:0.5"
 B_TOPK_GOOD = ("b", (3,), 1, topk_body(1, 0, varint_bytes(2), float32_body([2.0])))
-W_TOPK_GOOD = ("w", (2, 3), 1, topk_body(3, 0, varint_bytes(0, 2, 2), float32_body([1, 2, 3])))
+
+# Top-k cases use a 63-element `w`: its 8-byte bitmap leaves room for varint
+# sections up to 8 bytes (a varint section longer than the bitmap is rejected
+# as non-canonical), and its last bitmap byte has one padding bit.
+TOPK_W_SHAPE = (7, 9)
+TOPK_SHAPES = {"w": TOPK_W_SHAPE, "b": (3,)}
+W_TOPK_GOOD = ("w", TOPK_W_SHAPE, 1, topk_body(3, 0, varint_bytes(0, 2, 2), float32_body([1, 2, 3])))
 
 
 def topk_payload(w_body):
-    return frame(TOPK_SPEC, [("w", (2, 3), 1, w_body), B_TOPK_GOOD])
+    return frame(TOPK_SPEC, [("w", TOPK_W_SHAPE, 1, w_body), B_TOPK_GOOD])
 
 
 def q_payload(b_body, spec=Q8_SPEC, w_body=W_Q8_GOOD[3]):
@@ -226,8 +233,8 @@ MALFORMED = {
     # Top-k bodies.
     "topk body shorter than header": (topk_payload(b"\x01\x00"), "header"),
     "topk k above numel": (
-        topk_payload(topk_body(7, 0, varint_bytes(0, 1, 1, 1, 1, 1, 1), float32_body(range(7)))),
-        "k = 7 exceeds",
+        topk_payload(topk_body(64, 0, varint_bytes(0, *[1] * 63), float32_body(range(64)))),
+        "k = 64 exceeds",
     ),
     "topk index length past end": (
         topk_payload(struct.pack("<IBI", 1, 0, 1000) + b"\x00" + float32_body([1])),
@@ -238,11 +245,11 @@ MALFORMED = {
         "unknown index coding 9",
     ),
     "topk index out of range": (
-        topk_payload(topk_body(2, 0, varint_bytes(1, 5), float32_body([1, 2]))),
+        topk_payload(topk_body(2, 0, varint_bytes(1, 62), float32_body([1, 2]))),
         "out of range",
     ),
     "topk first index out of range": (
-        topk_payload(topk_body(1, 0, varint_bytes(6), float32_body([1]))),
+        topk_payload(topk_body(1, 0, varint_bytes(63), float32_body([1]))),
         "out of range",
     ),
     "topk index not increasing": (
@@ -262,21 +269,29 @@ MALFORMED = {
         "varint 0 is 6 bytes long",
     ),
     "topk varint overlong": (topk_payload(topk_body(1, 0, b"\x81\x00", float32_body([1]))), "over-long"),
+    "topk varint fifth byte too wide": (
+        topk_payload(topk_body(1, 0, b"\x80\x80\x80\x80\x10", float32_body([1]))),
+        "at least 2**32",
+    ),
+    "topk varint longer than bitmap": (
+        topk_payload(topk_body(9, 0, varint_bytes(0, *[1] * 8), float32_body(range(9)))),
+        "longer than the 8-byte bitmap",
+    ),
     "topk varint length below k": (
         topk_payload(topk_body(2, 0, b"\x01", float32_body([1, 2]))),
         "expected 2 to 10",
     ),
     "topk bitmap wrong length": (
-        topk_payload(topk_body(1, 1, b"\x01\x00", float32_body([1]))),
+        topk_payload(topk_body(1, 1, bytes([1] + [0] * 8), float32_body([1]))),
         "bitmap index length",
     ),
     "topk bitmap count mismatch": (
-        topk_payload(topk_body(2, 1, b"\x01", float32_body([1, 2]))),
+        topk_payload(topk_body(2, 1, bytes([1] + [0] * 7), float32_body([1, 2]))),
         "marks 1 elements",
     ),
     "topk bitmap bit past end": (
-        topk_payload(topk_body(1, 1, b"\x80", float32_body([1]))),
-        "past element 5",
+        topk_payload(topk_body(1, 1, bytes(7) + b"\x80", float32_body([1]))),
+        "past element 62",
     ),
     "topk values too short": (
         topk_payload(topk_body(2, 0, varint_bytes(0, 1), float32_body([1]))),
@@ -292,7 +307,7 @@ MALFORMED = {
 @pytest.mark.parametrize("case", list(MALFORMED), ids=list(MALFORMED))
 def test_malformed_payload_raises_decode_error(case):
     payload, fragment = MALFORMED[case]
-    shapes = {"w": (2, 3), "b": (3,)}
+    shapes = TOPK_SHAPES if case.startswith("topk") else SHAPES
 
     with pytest.raises(DecodeError) as raised:
         decode_update(payload, shapes)
@@ -307,8 +322,8 @@ def test_malformed_cases_differ_from_valid_by_one_fault():
     # case fails for its own fault.
     assert decode_update(valid_none_payload(), SHAPES)
     assert decode_update(frame(Q8_SPEC, [W_Q8_GOOD, B_Q8_GOOD]), SHAPES)["b"].tolist() == [0.0, 1.0, 2.0]
-    decoded = decode_update(frame(TOPK_SPEC, [W_TOPK_GOOD, B_TOPK_GOOD]), SHAPES)
-    assert decoded["w"].reshape(-1).tolist() == [1.0, 0.0, 2.0, 0.0, 3.0, 0.0]
+    decoded = decode_update(frame(TOPK_SPEC, [W_TOPK_GOOD, B_TOPK_GOOD]), TOPK_SHAPES)
+    assert decoded["w"].reshape(-1).tolist() == [1.0, 0.0, 2.0, 0.0, 3.0] + [0.0] * 58
     assert decoded["b"].tolist() == [0.0, 0.0, 2.0]
 
 
@@ -375,6 +390,79 @@ def test_bytearray_and_memoryview_accepted():
 
     assert decode_update(bytearray(payload), SHAPES)["b"].tolist() == B.tolist()
     assert decode_update(memoryview(payload), SHAPES)["b"].tolist() == B.tolist()
+
+
+def test_varint_section_as_long_as_bitmap_is_accepted():
+    # The writer picks delta varint on a tie, so a reader must accept a varint
+    # section exactly as long as the bitmap: 8 one-byte varints, 8-byte bitmap.
+    body = topk_body(8, 0, varint_bytes(0, *[1] * 7), float32_body(range(1, 9)))
+
+    decoded = decode_update(topk_payload(body), TOPK_SHAPES)
+
+    assert decoded["w"].reshape(-1)[:9].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 0]
+
+
+# --- memory under hostile payloads -------------------------------------------------
+
+
+MEMORY_NUMEL = 1_000_000
+MEMORY_SHAPES = {"w": (MEMORY_NUMEL,)}
+MEMORY_MODEL_BYTES = 4 * MEMORY_NUMEL
+
+
+def q_tail(bits, count, block_size=None):
+    """A valid quantized body of `count` zero codes, with scale 1 per block."""
+    blocks = 1 if block_size is None else -(-count // block_size)
+    return q_body([(0.0, 1.0)] * blocks, bytes((count * bits + 7) // 8))
+
+
+def worst_case_payloads():
+    n = MEMORY_NUMEL
+    k8 = n // 8
+    full_bitmap = b"\xff" * (n // 8)
+    # k = numel in one-byte varints: the largest varint section that is not
+    # rejected up front is as long as the bitmap, k = numel / 8.
+    longest_varint = b"\x00" + b"\x08" * (k8 - 1)
+    return {
+        "varint k = numel, q:1": ("topk:1,q:1", topk_body(n, 0, b"\x00" + b"\x01" * (n - 1), q_tail(1, n))),
+        "varint k = numel / 8, float32": ("topk:1", topk_body(k8, 0, longest_varint, float32_body(np.zeros(k8)))),
+        "varint k = numel / 8, q:8:2": ("topk:1,q:8:2", topk_body(k8, 0, longest_varint, q_tail(8, k8, 2))),
+        "bitmap k = numel, q:1": ("topk:1,q:1", topk_body(n, 1, full_bitmap, q_tail(1, n))),
+        "bitmap k = numel, q:8:2": ("topk:1,q:8:2", topk_body(n, 1, full_bitmap, q_tail(8, n, 2))),
+        "bitmap k = numel, float32": ("topk:1", topk_body(n, 1, full_bitmap, float32_body(np.zeros(n)))),
+        "dense q:1:2": ("q:1:2", q_tail(1, n, 2)),
+        "dense q:8:2": ("q:8:2", q_tail(8, n, 2)),
+        "dense float32": ("none", float32_body(np.zeros(n))),
+    }
+
+
+@pytest.mark.parametrize("case", list(worst_case_payloads()))
+def test_decode_peak_memory_bounded_by_model_size(case):
+    # Whatever a payload declares, decoding may allocate at most about 4 times
+    # the model's float32 size. One-byte varints for every element once took
+    # 16 times from a 1.1 MB payload.
+    spec, body = worst_case_payloads()[case]
+    payload = frame(spec, [("w", (MEMORY_NUMEL,), 1, body)])
+
+    tracemalloc.start()
+    try:
+        try:
+            decode_update(payload, MEMORY_SHAPES)
+        except DecodeError:
+            pass
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak <= 4 * MEMORY_MODEL_BYTES, f"{case}: peak {peak / MEMORY_MODEL_BYTES:.2f}x the model size"
+
+
+def test_varint_section_longer_than_bitmap_is_rejected():
+    body = topk_body(MEMORY_NUMEL, 0, b"\x00" + b"\x01" * (MEMORY_NUMEL - 1), q_tail(1, MEMORY_NUMEL))
+    payload = frame("topk:1,q:1", [("w", (MEMORY_NUMEL,), 1, body)])
+
+    with pytest.raises(DecodeError, match="longer than the 125000-byte bitmap"):
+        decode_update(payload, MEMORY_SHAPES)
 
 
 # --- fuzzing ---------------------------------------------------------------------

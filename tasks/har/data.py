@@ -15,7 +15,6 @@ import logging
 import os
 import tempfile
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,8 +236,12 @@ def load_har_windows(cache_dir: Path | str | None = None) -> HarWindows:
     if cache_path.is_file():
         try:
             return _read_cache(cache_path)
-        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
-            logger.warning("HAR cache %s is unreadable (%s); rebuilding it", cache_path, error)
+        except Exception as error:
+            # The cache is only a copy of the pickle, so any failure to read it,
+            # whether numpy's, zip's or zlib's, costs a rebuild and never the run.
+            logger.warning(
+                "HAR cache %s is unreadable (%s: %s); rebuilding it", cache_path, type(error).__name__, error
+            )
 
     started = time.perf_counter()
     source = locate_hapt_pickle()
@@ -267,7 +270,10 @@ def _resolve_cache_dir(cache_dir: Path | str | None) -> Path:
 def _read_cache(path: Path) -> HarWindows:
     # allow_pickle=False: a cache file is data only, whoever wrote it.
     with np.load(path, allow_pickle=False) as archive:
-        version = int(archive["format_version"])
+        stored = archive["format_version"]
+        if stored.shape != () or stored.dtype.kind not in "iu":
+            raise ValueError(f"format_version is {stored.dtype} of shape {stored.shape}, expected an integer scalar")
+        version = int(stored)
         if version != _CACHE_FORMAT_VERSION:
             raise ValueError(f"format version {version}, expected {_CACHE_FORMAT_VERSION}")
         return HarWindows(x=archive["x"], y=archive["y"], person=archive["person"])

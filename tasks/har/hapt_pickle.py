@@ -5,7 +5,8 @@ The package stores HAPT as a gzip'd pickle (protocol 2, written with pandas
 a plain ``pickle.load`` would run any callable the file names. This
 module reads it without pandas: a ``pickle.Unpickler`` whose ``find_class``
 admits only the twelve globals the file uses, with the pandas classes replaced
-by stand-ins that keep the numpy blocks and the axis labels.
+by stand-ins that keep the numpy blocks and the axis labels. ``numpy.ndarray``
+becomes a marker that only ``_reconstruct`` accepts.
 """
 
 from __future__ import annotations
@@ -113,6 +114,99 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     return copyreg._reconstructor(cls, base, state)
 
 
+# Maximum elements in one unpickled array, the same cap as a RangeIndex and far
+# above the largest HAPT block (estimated at 9 columns by 2.4e4 rows). Without it a
+# zero-size dtype such as V0 gives a 10**12-element array over no bytes, which
+# the first conversion to float32 would expand to terabytes.
+_MAX_ARRAY_ELEMENTS = _MAX_RANGE_INDEX_LENGTH
+
+
+class _NdarraySentinel:
+    """Stand-in for the ``numpy.ndarray`` global: a marker that cannot be called.
+
+    The HAPT pickle names ``numpy.ndarray`` only as the first argument of
+    ``numpy.core.multiarray._reconstruct``. Handing out the real class would
+    let a pickle call ``ndarray(shape, dtype, buffer, offset, strides)``, which
+    allocates any shape, or views 10**12 elements over a 1-byte buffer. Calling
+    the marker raises, and without a ``__dict__`` BUILD cannot set attributes on it.
+    """
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> Any:
+        raise UnsafePickleError(
+            "numpy.ndarray cannot be called from the pickle; it is allowed only as the first "
+            "argument of numpy.core.multiarray._reconstruct"
+        )
+
+    def __repr__(self) -> str:
+        return "<numpy.ndarray stand-in>"
+
+
+_NDARRAY_SENTINEL = _NdarraySentinel()
+
+
+class _PickledArray(np.ndarray):
+    """ndarray whose ``__setstate__`` checks the pickled state before numpy applies it.
+
+    numpy's own ``__setstate__`` checks that a byte buffer matches the shape,
+    but accepts any shape for a zero-size dtype, and crashes the interpreter
+    (numpy 2.4) when an object array's list is shorter than its shape. So this
+    checks the element count, the buffer type and the exact buffer length first.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise UnsafePickleError(f"ndarray state must be a 5-tuple, got {type(state).__name__}")
+        version, shape, dtype, is_fortran, data = state
+
+        if version != 1 or not isinstance(is_fortran, bool) or not isinstance(dtype, np.dtype):
+            raise UnsafePickleError(
+                f"ndarray state must be (1, shape, dtype, bool, data), got version {version!r:.50}, "
+                f"dtype {type(dtype).__name__} and order flag {is_fortran!r:.50}"
+            )
+        if not isinstance(shape, tuple) or not all(type(dim) is int and dim >= 0 for dim in shape):
+            raise UnsafePickleError(f"ndarray shape must be a tuple of non-negative ints, got {shape!r:.200}")
+
+        count = 1
+        for dim in shape:
+            count *= dim
+        if count > _MAX_ARRAY_ELEMENTS:
+            raise UnsafePickleError(
+                f"ndarray of shape {shape!r:.200} has {count} elements, exceeding the limit of {_MAX_ARRAY_ELEMENTS}"
+            )
+
+        if dtype.hasobject:
+            # Object arrays pickle their elements as a list, one per element.
+            if dtype != np.dtype(object) or not isinstance(data, list) or len(data) != count:
+                raise UnsafePickleError(
+                    f"object ndarray of {count} elements needs a list of {count} items, got "
+                    f"{type(data).__name__} for dtype {dtype}"
+                )
+        elif not isinstance(data, bytes) or len(data) != count * dtype.itemsize:
+            size = len(data) if isinstance(data, (bytes, list)) else None
+            raise UnsafePickleError(
+                f"ndarray of shape {shape!r:.200} and dtype {dtype} needs {count * dtype.itemsize} bytes "
+                f"of data, got {type(data).__name__} of length {size}"
+            )
+
+        super().__setstate__(state)
+
+
+def _reconstruct_array(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
+    """Run numpy's ``_reconstruct`` for the one call the HAPT pickle makes: an empty int8 array.
+
+    The BUILD opcode that follows sets the real shape, dtype and data through
+    ``_PickledArray.__setstate__``.
+    """
+    if cls is not _NDARRAY_SENTINEL or shape != (0,) or typecode not in (b"b", "b"):
+        raise UnsafePickleError(
+            f"numpy.core.multiarray._reconstruct called with ({cls!r:.50}, {shape!r:.50}, {typecode!r:.50}); "
+            "only _reconstruct(numpy.ndarray, (0,), b'b') is allowed"
+        )
+    return _numpy_reconstruct(_PickledArray, (0,), b"b")
+
+
 def _encode_latin1(text: Any, encoding: Any) -> bytes:
     """Run _codecs.encode for the one use protocol 2 makes of it: str to latin-1 bytes."""
     # Python 3 pickles bytes at protocol 2 as _codecs.encode(str, "latin1").
@@ -131,8 +225,8 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("__builtin__", "object"): object,
     ("__builtin__", "slice"): slice,
     ("_codecs", "encode"): _encode_latin1,
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_array,
+    ("numpy", "ndarray"): _NDARRAY_SENTINEL,
     ("numpy", "dtype"): np.dtype,
     ("pandas.core.frame", "DataFrame"): _DataFrame,
     ("pandas.core.internals.managers", "BlockManager"): _BlockManager,
@@ -204,7 +298,8 @@ def frame_to_columns(frame: Any) -> dict[str, np.ndarray]:
         if len(names) != values.shape[0]:
             raise ValueError(f"block {block_index} has {values.shape[0]} rows but {len(names)} column names")
         for name, row in zip(names, values):
-            columns[name] = row
+            # A plain ndarray view: the unpickling subclass stays inside this module.
+            columns[name] = row.view(np.ndarray)
 
     missing = [name for name in column_names if name not in columns]
     if missing:
