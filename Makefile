@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test schema clean
+.PHONY: install run test sweep schema clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Accuracy against uplink bits per parameter (about 20 minutes on 2 cores).
+sweep: install
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
+	$(BIN)/python benchmarks/har_sweep.py --output-dir runs/sweep
 
 # Regenerate docs/report-schema.json after changing server/report.py.
 schema: install

@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import DecodeError
 from .spec import CompressionSpec, parse_compression_spec
-from .stages import Float32Values, Quantize, TopK, build_stages
+from .stages import Sparsifier, ValueStage, Zstd, build_stages, max_body_size
 from .wire import DTYPE_FLOAT32, MAX_NDIM, MAX_U16, MAX_U32, PayloadReader, TensorRecord, write_payload
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,9 @@ class UpdateCodec:
     ----------
     spec : CompressionSpec or str
         The pipeline, for example ``"topk:0.01,q:8"`` (top-k over the whole
-        update) or ``"topk:0.01:tensor,q:8"`` (top-k per tensor). A string is
-        parsed with `parse_compression_spec`.
+        update), ``"topk:0.01:tensor,q:8"`` (top-k per tensor) or
+        ``"randk:0.1,qsgd:15,zstd"``. A string is parsed with
+        `parse_compression_spec`.
 
     Attributes
     ----------
@@ -46,22 +47,24 @@ class UpdateCodec:
     error_feedback_advised : bool
         Whether any stage drops enough that clients should keep a residual
         (see `encode_with_error_feedback`).
+    decode_commutes_with_sum : bool
+        Whether every stage's decoding commutes with a sum of coded values.
     """
 
     def __init__(self, spec: CompressionSpec | str) -> None:
         self.spec = spec if isinstance(spec, CompressionSpec) else parse_compression_spec(spec)
-        self._index_stage, self._value_stage = build_stages(self.spec)
+        self._sparsifier, self._value_stage, self._lossless = build_stages(self.spec)
 
         stages = self.stages
         self.unbiased = all(stage.unbiased for stage in stages)
         self.error_feedback_advised = any(stage.error_feedback_advised for stage in stages)
+        self.decode_commutes_with_sum = all(stage.decode_commutes_with_sum for stage in stages)
 
     @property
-    def stages(self) -> tuple["TopK | Float32Values | Quantize", ...]:
+    def stages(self) -> tuple["Sparsifier | ValueStage | Zstd", ...]:
         """The stage objects in pipeline order."""
-        if self._index_stage is None:
-            return (self._value_stage,)
-        return (self._index_stage, self._value_stage)
+        stages = (self._sparsifier, self._value_stage, self._lossless)
+        return tuple(stage for stage in stages if stage is not None)
 
     def encode(self, update: Mapping[str, np.ndarray], seed: int) -> bytes:
         """Encode an update into one wire-format payload.
@@ -72,15 +75,16 @@ class UpdateCodec:
             Tensor name to floating-point array of any shape, 0-d included.
             Arrays are converted to float32. The payload keeps the mapping's order.
         seed : int
-            Non-negative seed of the stochastic rounding. The same update and
-            seed always give the same bytes. Tensor ``i`` draws from
-            ``SeedSequence([seed, i])``.
+            Non-negative seed of the stochastic rounding and the random-k
+            subsets. The same update and seed always give the same bytes.
+            Tensor ``i`` draws from ``SeedSequence([seed, i])``.
 
         Raises
         ------
         ValueError
             If a tensor contains NaN or infinity, is not a floating-point array,
-            or does not fit the wire format's length fields.
+            does not fit the wire format's length fields, or has values that
+            the value coder cannot represent (such as beyond ±65504 for fp16).
         """
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -95,8 +99,8 @@ class UpdateCodec:
         # Model-scope top-k ranks all tensors together, so every tensor's kept
         # indices are known before the first body is written.
         kept_indices = None
-        if self._index_stage is not None:
-            kept_indices = self._index_stage.select_update(flats)
+        if self._sparsifier is not None:
+            kept_indices = self._sparsifier.select_update(flats)
 
         records = []
         for position, ((name, values), flat) in enumerate(zip(tensors, flats)):
@@ -106,9 +110,11 @@ class UpdateCodec:
             if kept_indices is None:
                 body = self._value_stage.encode(flat, rng, where)
             else:
-                body = self._index_stage.encode(
+                body = self._sparsifier.encode(
                     flat, kept_indices[position], self._value_stage, rng, where
                 )
+            if self._lossless is not None:
+                body = self._lossless.encode(body)
 
             if len(body) > MAX_U32:
                 raise ValueError(
@@ -189,16 +195,23 @@ def _decode_checked(
     if expected_spec is not None and spec != expected_spec:
         raise DecodeError(f"payload was encoded with {spec}, expected {expected_spec}")
 
-    index_stage, value_stage = build_stages(spec)
+    sparsifier, value_stage, lossless = build_stages(spec)
     decoded: dict[str, np.ndarray] = {}
     for record in reader.read_records(shapes):
         where = f"tensor {record.name!r}"
         numel = math.prod(record.shape)
 
-        if index_stage is None:
-            flat = value_stage.decode(record.body, numel, where)
+        # The limit is the longest body the stages accept for this shape, so
+        # a frame cannot decompress to more than a valid payload would carry.
+        body = record.body
+        if lossless is not None:
+            body = lossless.decode(body, max_body_size(sparsifier, value_stage, numel), where)
+
+        if sparsifier is None:
+            flat = value_stage.decode(body, numel, where)
         else:
-            flat = index_stage.decode(record.body, numel, value_stage, where)
+            flat = sparsifier.decode(body, numel, value_stage, where)
+        del body
         decoded[record.name] = flat.reshape(record.shape)
 
     return {name: decoded[name] for name in shapes}

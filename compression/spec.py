@@ -1,31 +1,71 @@
 """The compression pipeline spec: a short text such as ``"topk:0.01,q:8"``.
 
-Grammar, with tokens separated by commas and surrounding spaces ignored:
+A pipeline is up to three comma-separated stages, in this order: at most one
+sparsifier, then at most one value coder (raw float32 when none is named), then
+optionally ``zstd``. Spaces around tokens are ignored.
 
-- ``none`` (alias ``float32``): raw float32, alone.
+Sparsifiers, which choose the entries that are sent:
+
 - ``topk:FRACTION``: keep the ``max(1, ceil(FRACTION * total_numel))``
   largest-magnitude entries of the whole update, with one threshold across all
   tensors (model scope), and ``0 < FRACTION <= 1`` written as a decimal number.
   ``topk:FRACTION:model`` is the same spec.
 - ``topk:FRACTION:tensor``: keep the ``max(1, ceil(FRACTION * numel))``
   largest-magnitude entries of each tensor separately (tensor scope).
-- ``q:BITS`` or ``q:BITS:BLOCK``: stochastic uniform quantization to ``BITS`` bits
-  (1 to 8), with one scale per tensor or one per ``BLOCK`` values (``BLOCK >= 2``).
+- ``randk:FRACTION``: keep ``max(1, ceil(FRACTION * numel))`` entries of each
+  tensor drawn at random from a seed that the body carries, scaled by
+  ``numel / k``. It has no scope word: k is always per tensor.
+- ``thresh:TAU``: keep the entries with ``|x| >= TAU``, ``TAU > 0`` decimal.
 
-Each stage appears at most once, and ``topk`` comes before ``q``.
+Value coders, which code the kept values (all values without a sparsifier):
+
+- ``none`` (alias ``float32``): raw float32. Written alone, or as ``none,zstd``;
+  after a sparsifier, leave the value coder out instead.
+- ``q:BITS``, ``q:BITS:BLOCK``, ``q:BITS:nearest``, ``q:BITS:BLOCK:nearest``:
+  uniform quantization to ``BITS`` bits (1 to 8), with one scale per tensor or
+  one per ``BLOCK`` values (``BLOCK >= 2``). Rounding is stochastic unless the
+  last argument is the word ``nearest``; ``stochastic`` is accepted there and
+  left out of canonical text. A block size is always digits and a rounding mode
+  always a word, so the two never read as each other.
+- ``qsgd:LEVELS`` or ``qsgd:LEVELS:BLOCK``: QSGD with ``LEVELS`` levels (1 to
+  127) per L2 norm, one norm per tensor or per ``BLOCK`` values.
+- ``sign``: scaled sign, 1 bit per value and the mean magnitude. Not after a
+  sparsifier, where the same code is ``ternary``.
+- ``ternary``: sparse ternary compression, only after a sparsifier.
+- ``fp16``, ``bf16``: 16-bit float casts.
+
+Lossless, last:
+
+- ``zstd`` or ``zstd:LEVEL``: zstandard compression of each tensor body, level
+  1 to 19 (default 3).
+
+Each stage appears at most once.
 """
 
+import math
 import re
 from typing import Any, Literal
 
 import pydantic
 
-KNOWN_STAGES = ("topk", "q", "none")
+SPARSIFIERS = ("topk", "randk", "thresh")
+VALUE_CODERS = ("none", "q", "qsgd", "sign", "ternary", "fp16", "bf16")
+LOSSLESS = ("zstd",)
+KNOWN_STAGES = SPARSIFIERS + VALUE_CODERS + LOSSLESS
+SIMPLE_CODERS = ("sign", "ternary", "fp16", "bf16")
+ROUNDINGS = ("stochastic", "nearest")
 TOPK_SCOPES = ("model", "tensor")
 DEFAULT_TOPK_SCOPE = "model"
+DEFAULT_ROUNDING = "stochastic"
 VALID_EXAMPLE = "topk:0.01,q:8"
 MIN_BITS, MAX_BITS = 1, 8
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 2, 2**31 - 1
+MIN_QSGD_LEVELS, MAX_QSGD_LEVELS = 1, 127
+MIN_ZSTD_LEVEL, MAX_ZSTD_LEVEL = 1, 19
+DEFAULT_ZSTD_LEVEL = 3
+
+# Stage groups in pipeline order; a token's group may not be below an earlier one's.
+_GROUP = {name: 0 for name in SPARSIFIERS} | {name: 1 for name in VALUE_CODERS} | {"zstd": 2}
 
 # Only plain decimal numbers, so that clients in other languages parse the same
 # fractions as Python does (float() alone would also take "nan", "inf" and "1_0").
@@ -37,8 +77,8 @@ class CompressionSpec(pydantic.BaseModel):
     """A parsed compression pipeline.
 
     Build one with `parse_compression_spec`, or let pydantic validate a spec text
-    wherever a `CompressionSpec` field is declared. All fields ``None`` means
-    raw float32 (``"none"``).
+    wherever a `CompressionSpec` field is declared. All fields at their
+    defaults means raw float32 (``"none"``).
 
     Attributes
     ----------
@@ -54,22 +94,53 @@ class CompressionSpec(pydantic.BaseModel):
         CNN (24 clients, 20 rounds, error feedback), model scope reached 0.942
         held-out accuracy against 0.918 for tensor scope at the same bytes.
         Only ``"model"`` is allowed without ``topk_fraction``.
+    randk_fraction : float or None
+        Fraction of each tensor's entries that random-k keeps, in (0, 1]. The
+        kept values are scaled by ``numel / k``, which makes the update
+        unbiased but multiplies its variance by up to ``numel / k``.
+    threshold : float or None
+        Magnitude threshold TAU > 0: entries with ``|x| >= TAU`` are kept. The
+        number of entries sent, and so the bytes, follows the update's scale,
+        so TAU must be tuned to it (a few times the typical entry works).
     bits : int or None
         Quantization width, 1 to 8. Each bit fewer halves the number of levels
         and roughly doubles the rounding noise.
+    rounding : {"stochastic", "nearest"}
+        Rounding of the ``q`` stage. ``"stochastic"`` (default) is unbiased;
+        ``"nearest"`` halves the worst-case error but is biased, so use it with
+        error feedback. Only ``"stochastic"`` is allowed without ``bits``.
+    qsgd_levels : int or None
+        QSGD levels per norm, 1 to 127, sent as ``1 + bit_length(levels)`` bits
+        per value (sign and level). More levels lower the variance.
     block_size : int or None
-        Values per quantization scale. ``None`` means one scale per tensor.
-        Smaller blocks follow the local range more tightly but cost 8 bytes
-        (min and scale) per block, so 128 to 1024 suits most layers.
+        Values per quantization scale of ``q`` or norm of ``qsgd``. ``None``
+        means one per tensor. Smaller blocks follow the local range more
+        tightly but cost 8 bytes (``q``: min and scale) or 4 bytes (``qsgd``:
+        norm) per block, so 128 to 1024 suits most layers.
+    coder : {"sign", "ternary", "fp16", "bf16"} or None
+        A value coder without parameters.
+    zstd_level : int or None
+        zstandard level, 1 to 19, or None for no lossless stage. Higher levels
+        compress slightly better and encode slower; decoding speed hardly changes.
     """
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
     topk_fraction: float | None = pydantic.Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     topk_scope: Literal["model", "tensor"] = DEFAULT_TOPK_SCOPE
+    randk_fraction: float | None = pydantic.Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    threshold: float | None = pydantic.Field(default=None, gt=0.0, allow_inf_nan=False)
     bits: int | None = pydantic.Field(default=None, ge=MIN_BITS, le=MAX_BITS, strict=True)
+    rounding: Literal["stochastic", "nearest"] = DEFAULT_ROUNDING
+    qsgd_levels: int | None = pydantic.Field(
+        default=None, ge=MIN_QSGD_LEVELS, le=MAX_QSGD_LEVELS, strict=True
+    )
     block_size: int | None = pydantic.Field(
         default=None, ge=MIN_BLOCK_SIZE, le=MAX_BLOCK_SIZE, strict=True
+    )
+    coder: Literal["sign", "ternary", "fp16", "bf16"] | None = None
+    zstd_level: int | None = pydantic.Field(
+        default=None, ge=MIN_ZSTD_LEVEL, le=MAX_ZSTD_LEVEL, strict=True
     )
 
     @pydantic.model_validator(mode="before")
@@ -81,9 +152,10 @@ class CompressionSpec(pydantic.BaseModel):
 
     @pydantic.model_validator(mode="after")
     def _check_block_needs_bits(self) -> "CompressionSpec":
-        if self.block_size is not None and self.bits is None:
+        if self.block_size is not None and self.bits is None and self.qsgd_levels is None:
             raise ValueError(
-                f"block_size {self.block_size} needs bits; example of a valid spec: 'q:4:256'"
+                f"block_size {self.block_size} needs bits or qsgd_levels; "
+                "example of a valid spec: 'q:4:256'"
             )
         return self
 
@@ -94,17 +166,73 @@ class CompressionSpec(pydantic.BaseModel):
                 f"topk_scope {self.topk_scope!r} needs topk_fraction; "
                 "example of a valid spec: 'topk:0.01:tensor'"
             )
+        if self.rounding != DEFAULT_ROUNDING and self.bits is None:
+            raise ValueError(
+                f"rounding {self.rounding!r} needs bits; example of a valid spec: 'q:8:nearest'"
+            )
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _check_combination(self) -> "CompressionSpec":
+        sparsifiers = [
+            name
+            for name, value in (
+                ("topk", self.topk_fraction),
+                ("randk", self.randk_fraction),
+                ("thresh", self.threshold),
+            )
+            if value is not None
+        ]
+        if len(sparsifiers) > 1:
+            raise ValueError(
+                f"a pipeline has at most one sparsifier, got {' and '.join(sparsifiers)}: "
+                "a second selection would only drop more of the first one's entries"
+            )
+
+        coders = [
+            name
+            for name, value in (("q", self.bits), ("qsgd", self.qsgd_levels), (self.coder, self.coder))
+            if value is not None
+        ]
+        if len(coders) > 1:
+            raise ValueError(
+                f"a pipeline has exactly one value coder, got {' and '.join(coders)}: "
+                "each one codes float values, not another coder's codes"
+            )
+
+        if self.coder == "ternary" and not sparsifiers:
+            raise ValueError(
+                "'ternary' codes the values a sparsifier kept and needs one before it, "
+                "as in 'topk:0.01,ternary'; for a dense update write 'sign'"
+            )
+        if self.coder == "sign" and sparsifiers:
+            raise ValueError(
+                f"'sign' after {sparsifiers[0]!r} is sparse ternary compression; write 'ternary'"
+            )
         return self
 
     @property
     def stage_names(self) -> tuple[str, ...]:
-        """Stage names in pipeline order, ``("none",)`` for raw float32."""
+        """Stage names in pipeline order; ``("none",)`` for raw float32, and
+        ``("none", "zstd")`` for raw float32 under zstd."""
         names = []
         if self.topk_fraction is not None:
             names.append("topk")
+        if self.randk_fraction is not None:
+            names.append("randk")
+        if self.threshold is not None:
+            names.append("thresh")
         if self.bits is not None:
             names.append("q")
-        return tuple(names) or ("none",)
+        if self.qsgd_levels is not None:
+            names.append("qsgd")
+        if self.coder is not None:
+            names.append(self.coder)
+        if not names:
+            names.append("none")
+        if self.zstd_level is not None:
+            names.append("zstd")
+        return tuple(names)
 
     def canonical(self) -> str:
         """Return the canonical text, for which ``parse_compression_spec`` returns an equal spec."""
@@ -112,22 +240,40 @@ class CompressionSpec(pydantic.BaseModel):
         if self.topk_fraction is not None:
             scope = "" if self.topk_scope == DEFAULT_TOPK_SCOPE else f":{self.topk_scope}"
             tokens.append(f"topk:{self.topk_fraction!r}{scope}")
+        if self.randk_fraction is not None:
+            tokens.append(f"randk:{self.randk_fraction!r}")
+        if self.threshold is not None:
+            tokens.append(f"thresh:{self.threshold!r}")
+
+        block = "" if self.block_size is None else f":{self.block_size}"
         if self.bits is not None:
-            block = "" if self.block_size is None else f":{self.block_size}"
-            tokens.append(f"q:{self.bits}{block}")
-        return ",".join(tokens) or "none"
+            rounding = "" if self.rounding == DEFAULT_ROUNDING else f":{self.rounding}"
+            tokens.append(f"q:{self.bits}{block}{rounding}")
+        if self.qsgd_levels is not None:
+            tokens.append(f"qsgd:{self.qsgd_levels}{block}")
+        if self.coder is not None:
+            tokens.append(self.coder)
+        if not tokens:
+            tokens.append("none")
+
+        if self.zstd_level is not None:
+            level = "" if self.zstd_level == DEFAULT_ZSTD_LEVEL else f":{self.zstd_level}"
+            if tokens == ["none"]:
+                tokens = []
+            tokens.append(f"zstd{level}")
+        return ",".join(tokens)
 
     def __str__(self) -> str:
         return self.canonical()
 
 
 def parse_compression_spec(text: str) -> CompressionSpec:
-    """Parse a pipeline spec such as ``"topk:0.01,q:8"``, ``"topk:0.01:tensor"`` or ``"q:4:256"``.
+    """Parse a pipeline spec such as ``"topk:0.01,q:8"``, ``"randk:0.1,qsgd:15"`` or ``"sign,zstd"``.
 
     Raises
     ------
     ValueError
-        Naming the bad token, the allowed values and a valid example.
+        Naming the bad token, why it is rejected, the allowed values and a valid example.
     """
     return CompressionSpec(**_parse_fields(text))
 
@@ -153,32 +299,117 @@ def _parse_fields(text: str) -> dict[str, Any]:
             raise _spec_error(text, token, f"unknown stage {name!r}")
         if stage in seen:
             raise _spec_error(text, token, f"stage {stage!r} appears more than once")
-        if stage == "none" or "none" in seen:
-            if tokens != [token]:
-                raise _spec_error(text, token, "'none' cannot be combined with other stages")
-        if stage == "topk" and "q" in seen:
-            raise _spec_error(text, token, "'topk' must come before 'q'")
+        _check_order(text, token, stage, seen)
         seen.append(stage)
-
-        if stage == "none":
-            _check_argument_count(text, token, arguments, 0, 0, "none")
-        elif stage == "topk":
-            _check_argument_count(
-                text, token, arguments, 1, 2, "topk:FRACTION or topk:FRACTION:tensor"
-            )
-            fields["topk_fraction"] = _parse_fraction(text, token, arguments[0])
-            if len(arguments) == 2:
-                fields["topk_scope"] = _parse_scope(text, token, arguments[1])
-        else:
-            _check_argument_count(text, token, arguments, 1, 2, "q:BITS or q:BITS:BLOCK")
-            fields["bits"] = _parse_integer(
-                text, token, "bits", arguments[0], MIN_BITS, MAX_BITS
-            )
-            if len(arguments) == 2:
-                fields["block_size"] = _parse_integer(
-                    text, token, "block size", arguments[1], MIN_BLOCK_SIZE, MAX_BLOCK_SIZE
-                )
+        fields.update(_parse_stage(text, token, stage, arguments))
     return fields
+
+
+def _check_order(text: str, token: str, stage: str, seen: list[str]) -> None:
+    group = _GROUP[stage]
+    if "none" in seen and stage != "zstd":
+        raise _spec_error(
+            text, "none", "'none' cannot be combined with other stages, except a final 'zstd'"
+        )
+    if stage == "none" and seen:
+        raise _spec_error(
+            text,
+            token,
+            "'none' cannot be combined with other stages, except a final 'zstd'; "
+            "after a sparsifier leave the value coder out for float32 values",
+        )
+
+    for previous in seen:
+        if _GROUP[previous] > group:
+            raise _spec_error(
+                text,
+                token,
+                f"{stage!r} must come before {previous!r}: the sparsifier comes first, "
+                "then the value coder, then zstd",
+            )
+        if _GROUP[previous] == group == 0:
+            raise _spec_error(
+                text,
+                token,
+                f"a pipeline has at most one sparsifier, got {previous!r} and {stage!r}",
+            )
+        if _GROUP[previous] == group == 1:
+            raise _spec_error(
+                text,
+                token,
+                f"a pipeline has exactly one value coder, got {previous!r} and {stage!r}",
+            )
+    if stage == "ternary" and not any(_GROUP[previous] == 0 for previous in seen):
+        raise _spec_error(
+            text,
+            token,
+            "'ternary' codes the values a sparsifier kept and needs one before it, "
+            "as in 'topk:0.01,ternary'; for a dense update write 'sign'",
+        )
+    if stage == "sign" and seen:
+        raise _spec_error(text, token, f"'sign' after {seen[0]!r} is sparse ternary compression; write 'ternary'")
+
+
+def _parse_stage(text: str, token: str, stage: str, arguments: list[str]) -> dict[str, Any]:
+    if stage in ("none", "sign", "ternary", "fp16", "bf16"):
+        _check_argument_count(text, token, arguments, 0, 0, stage)
+        return {} if stage == "none" else {"coder": stage}
+
+    if stage == "topk":
+        _check_argument_count(text, token, arguments, 1, 2, "topk:FRACTION or topk:FRACTION:tensor")
+        fields: dict[str, Any] = {"topk_fraction": _parse_fraction(text, token, arguments[0])}
+        if len(arguments) == 2:
+            fields["topk_scope"] = _parse_scope(text, token, arguments[1])
+        return fields
+
+    if stage == "randk":
+        if len(arguments) == 2 and arguments[1] in TOPK_SCOPES:
+            raise _spec_error(
+                text,
+                token,
+                "random-k draws k entries per tensor and takes no scope word; write 'randk:FRACTION'",
+            )
+        _check_argument_count(text, token, arguments, 1, 1, "randk:FRACTION")
+        return {"randk_fraction": _parse_fraction(text, token, arguments[0])}
+
+    if stage == "thresh":
+        _check_argument_count(text, token, arguments, 1, 1, "thresh:TAU")
+        return {"threshold": _parse_threshold(text, token, arguments[0])}
+
+    if stage == "q":
+        rounding = None
+        if arguments and arguments[-1] in ROUNDINGS:
+            rounding = arguments.pop()
+        _check_argument_count(
+            text, token, arguments, 1, 2, "q:BITS, q:BITS:BLOCK, q:BITS:nearest or q:BITS:BLOCK:nearest"
+        )
+        fields = {"bits": _parse_integer(text, token, "bits", arguments[0], MIN_BITS, MAX_BITS)}
+        if len(arguments) == 2:
+            fields["block_size"] = _parse_integer(
+                text, token, "block size", arguments[1], MIN_BLOCK_SIZE, MAX_BLOCK_SIZE
+            )
+        if rounding is not None:
+            fields["rounding"] = rounding
+        return fields
+
+    if stage == "qsgd":
+        _check_argument_count(text, token, arguments, 1, 2, "qsgd:LEVELS or qsgd:LEVELS:BLOCK")
+        fields = {
+            "qsgd_levels": _parse_integer(
+                text, token, "levels", arguments[0], MIN_QSGD_LEVELS, MAX_QSGD_LEVELS
+            )
+        }
+        if len(arguments) == 2:
+            fields["block_size"] = _parse_integer(
+                text, token, "block size", arguments[1], MIN_BLOCK_SIZE, MAX_BLOCK_SIZE
+            )
+        return fields
+
+    _check_argument_count(text, token, arguments, 0, 1, "zstd or zstd:LEVEL")
+    level = DEFAULT_ZSTD_LEVEL
+    if arguments:
+        level = _parse_integer(text, token, "zstd level", arguments[0], MIN_ZSTD_LEVEL, MAX_ZSTD_LEVEL)
+    return {"zstd_level": level}
 
 
 def _check_argument_count(
@@ -198,6 +429,16 @@ def _parse_fraction(text: str, token: str, raw: str) -> float:
     if not 0.0 < fraction <= 1.0:
         raise _spec_error(text, token, f"fraction {raw} is outside the allowed range (0, 1]")
     return fraction
+
+
+def _parse_threshold(text: str, token: str, raw: str) -> float:
+    if not _DECIMAL.fullmatch(raw):
+        raise _spec_error(text, token, f"threshold {raw!r} is not a positive decimal number, such as 0.001")
+
+    threshold = float(raw)
+    if not 0.0 < threshold < math.inf:
+        raise _spec_error(text, token, f"threshold {raw} must be above 0 and finite")
+    return threshold
 
 
 def _parse_scope(text: str, token: str, raw: str) -> str:
@@ -226,7 +467,8 @@ def _parse_integer(text: str, token: str, what: str, raw: str, low: int, high: i
 def _spec_error(text: str, token: str, problem: str) -> ValueError:
     return ValueError(
         f"invalid compression spec {text!r}, token {token!r}: {problem}. "
-        f"Known stages: {', '.join(KNOWN_STAGES)}; bits 1..8, fraction (0, 1], "
-        f"top-k scope tensor or model (default), block size >= 2. "
-        f"Example of a valid spec: {VALID_EXAMPLE!r}"
+        f"Known stages: {', '.join(KNOWN_STAGES)}; at most one sparsifier "
+        f"({', '.join(SPARSIFIERS)}), then one value coder, then zstd; q bits 1..8, "
+        f"qsgd levels 1..127, fraction (0, 1], top-k scope tensor or model (default), "
+        f"block size >= 2, zstd level 1..19. Example of a valid spec: {VALID_EXAMPLE!r}"
     )

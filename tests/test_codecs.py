@@ -1,10 +1,15 @@
 """Round trips of the codec stages and parsing of pipeline specs."""
 
 import math
+import struct
 from fractions import Fraction
 
 import numpy as np
 import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from pocketfl.compression import (
     CompressionSpec,
@@ -22,7 +27,8 @@ from pocketfl.compression.index_coding import (
     encode_delta_varint,
     encode_indices,
 )
-from pocketfl.compression.stages import TopK
+from pocketfl.compression.stages import TopK, random_k_mask, splitmix64, to_bfloat16_bits
+from pocketfl.compression.wire import PayloadReader
 
 
 def shapes_of(update):
@@ -37,7 +43,7 @@ def round_trip(spec, update, seed=0):
 def quantization_step(values, bits, block_size=None):
     """Return the per-element step (max - min) / (2**bits - 1) of each element's block."""
     flat = values.reshape(-1).astype(np.float64)
-    size = flat.size if block_size is None else block_size
+    size = max(flat.size, 1) if block_size is None else block_size
     steps = np.empty_like(flat)
     for start in range(0, flat.size, size):
         block = flat[start : start + size]
@@ -601,7 +607,7 @@ def test_spec_parses_valid(text, fraction, scope, bits, block_size, canonical):
     [
         ("", ["empty"]),
         ("   ", ["empty"]),
-        ("zip:3", ["'zip:3'", "unknown stage 'zip'", "topk, q, none"]),
+        ("zip:3", ["'zip:3'", "unknown stage 'zip'", "topk, randk, thresh, none, q, qsgd"]),
         ("q:9", ["'q:9'", "bits 9", "1..8"]),
         ("q:0", ["'q:0'", "bits 0", "1..8"]),
         ("q:four", ["'q:four'", "1..8"]),
@@ -673,3 +679,617 @@ def test_codec_accepts_spec_object():
 
     assert UpdateCodec(spec).spec is spec
     assert UpdateCodec("topk:0.1,q:4").spec == spec
+
+
+# --- new stages: shared round-trip bounds --------------------------------------
+
+
+def qsgd_step(values, levels, block_size=None):
+    """Return each element's QSGD step, its block's float32 L2 norm over `levels`."""
+    flat = values.reshape(-1).astype(np.float64)
+    size = max(flat.size, 1) if block_size is None else block_size
+    steps = np.empty_like(flat)
+    for start in range(0, flat.size, size):
+        block = flat[start : start + size]
+        steps[start : start + size] = np.float32(np.sqrt(np.sum(block**2))) / levels
+    return steps.reshape(values.shape)
+
+
+def error_bound(spec, values):
+    """Return the per-element error bound a dense value coder states for `values`."""
+    magnitude = np.abs(values.astype(np.float64))
+    # Float32 rounding, plus the blocks whose step is below the smallest normal
+    # float32 and which are sent as constant (error below 3e-36, see stages.py).
+    slack = 1e-6 * (magnitude.max() if magnitude.size else 0.0) + 3e-36
+    if spec.startswith("q:") and spec.endswith(":nearest"):
+        parts = spec.split(":")
+        block = int(parts[2]) if len(parts) == 4 else None
+        return quantization_step(values, int(parts[1]), block) * 0.5 * (1 + 1e-4) + slack
+    if spec.startswith("qsgd:"):
+        parts = spec.split(":")
+        block = int(parts[2]) if len(parts) == 3 else None
+        return qsgd_step(values, int(parts[1]), block) * (1 + 1e-4) + slack
+    if spec.startswith("fp16"):
+        # Half a unit in the last place: 2**-11 relative, 2**-25 absolute for subnormals.
+        return magnitude * 2.0**-11 + 2.0**-25
+    if spec.startswith("bf16"):
+        # Half a unit in the last of 8 significant bits, 2**-8 relative, and
+        # half the subnormal spacing 2**-133 below the normal range.
+        return magnitude * 2.0**-8 + 2.0**-134
+    if spec == "sign":
+        # |x - (±mu)| <= |x| + mu with mu the mean magnitude.
+        return magnitude + (magnitude.mean() if magnitude.size else 0.0) * (1 + 1e-6) + slack
+    raise AssertionError(spec)
+
+
+DENSE_SPECS = ["q:3:nearest", "q:8:5:nearest", "qsgd:1", "qsgd:15", "qsgd:127:7", "sign", "fp16", "bf16", "bf16,zstd"]
+
+
+@pytest.mark.parametrize("spec", DENSE_SPECS)
+@pytest.mark.parametrize("shape", [(), (1,), (9,), (5, 7), (0,), (3, 0)], ids=str)
+def test_new_value_coders_round_trip_within_bound(rng, spec, shape):
+    values = (rng.standard_normal(shape) * 2 + 0.3).astype(np.float32)
+
+    decoded = round_trip(spec, {"t": values}, seed=5)["t"]
+
+    assert decoded.shape == shape
+    assert decoded.dtype == np.float32
+    error = np.abs(decoded.astype(np.float64) - values)
+    assert np.all(error <= error_bound(spec, values)), f"max excess {np.max(error - error_bound(spec, values))}"
+
+
+@pytest.mark.parametrize("spec", ["q:2:nearest", "qsgd:3", "qsgd:7:4", "fp16", "bf16", "sign", "qsgd:3,zstd"])
+@pytest.mark.parametrize("constant", [0.0, -3.75, 1.0])
+def test_new_value_coders_constant_tensor_exact(spec, constant):
+    update = {
+        "matrix": np.full((4, 33), constant, dtype=np.float32),
+        "scalar": np.array(constant, dtype=np.float32),
+    }
+
+    decoded = round_trip(spec, update)
+
+    # Sign sends the mean magnitude, which is the constant's own magnitude.
+    for name, array in update.items():
+        if spec.startswith("qsgd") and constant != 0.0 and name == "matrix":
+            # A constant's QSGD level is |x| / (norm / s) = s / sqrt(n), not on a level.
+            assert np.all(np.abs(decoded[name] - array) <= qsgd_step(array, int(spec.split(":")[1].split(",")[0])) * 1.0001)
+        else:
+            np.testing.assert_array_equal(decoded[name], array)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spec=st.sampled_from(DENSE_SPECS),
+    values=hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=40),
+        elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=True),
+    ),
+    seed=st.integers(0, 2**32),
+)
+def test_new_value_coders_property_round_trip(spec, values, seed):
+    decoded = round_trip(spec, {"t": values}, seed=seed)["t"]
+
+    assert decoded.shape == values.shape
+    assert np.isfinite(decoded).all()
+    error = np.abs(decoded.astype(np.float64) - values)
+    assert np.all(error <= error_bound(spec, values))
+
+
+# --- q nearest -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_quantize_nearest_deterministic_and_within_half_step(rng, block_size):
+    values = (rng.standard_normal(301) * 3).astype(np.float32)
+    spec = "q:4:nearest" if block_size is None else f"q:4:{block_size}:nearest"
+    codec = UpdateCodec(spec)
+
+    payloads = {codec.encode({"v": values}, seed) for seed in range(5)}
+    assert len(payloads) == 1, "nearest rounding must not depend on the seed"
+
+    decoded = decode_update(payloads.pop(), {"v": values.shape})["v"]
+    step = quantization_step(values, 4, block_size)
+    error = np.abs(decoded.astype(np.float64) - values)
+    assert np.all(error <= step * 0.5 * (1 + 1e-4) + 1e-6)
+    # Stochastic rounding is off by more than half a step somewhere on 301 values.
+    stochastic = round_trip(spec.replace(":nearest", ""), {"v": values})["v"]
+    assert np.abs(stochastic.astype(np.float64) - values).max() > step.max() * 0.5
+
+
+def test_quantize_nearest_matches_reference_codes():
+    # Positions 0.49 and 0.5 of a step: nearest rounding sends 0 and 1.
+    values = np.array([0.0, 0.49, 0.5, 1.51, 3.0], dtype=np.float32)
+
+    decoded = round_trip("q:2:nearest", {"v": values})["v"]
+
+    np.testing.assert_array_equal(decoded, [0.0, 0.0, 1.0, 2.0, 3.0])
+
+
+def test_quantize_nearest_same_body_layout_as_stochastic():
+    values = np.array([0.0, 1.0, 2.0, 3.0], dtype=np.float32)
+
+    nearest = UpdateCodec("q:2:nearest").encode({"v": values}, 0)
+    stochastic = UpdateCodec("q:2").encode({"v": values}, 0)
+
+    # On-level values round the same both ways; only the spec text differs.
+    assert nearest[7 + len("q:2:nearest") :] == stochastic[7 + len("q:2") :][: -4] + nearest[-4:]
+
+
+# --- qsgd --------------------------------------------------------------------------
+
+
+def test_qsgd_exact_hand_case_bytes():
+    # norm 5 over s = 5 levels gives step 1; 3 and 4 sit on levels, so every seed agrees.
+    values = np.array([-3.0, 4.0], dtype=np.float32)
+
+    payload = UpdateCodec("qsgd:5").encode({"v": values}, 0)
+    decoded = decode_update(payload, {"v": (2,)})["v"]
+
+    np.testing.assert_array_equal(decoded, values)
+    # 4-bit codes: level 3 with the sign bit (0b1011), then level 4 (0b0100).
+    body = np.float32(5.0).astype("<f4").tobytes() + bytes([0x4B])
+    assert payload[-4 - len(body) : -4] == body
+
+
+def test_qsgd_unbiased_over_seeds():
+    values = np.array([0.1, -0.35, 0.7, 0.05, -0.6, 0.0, 0.22, -0.01], dtype=np.float32)
+    codec = UpdateCodec("qsgd:2")
+    seeds = 2000
+
+    total = np.zeros(values.size)
+    for seed in range(seeds):
+        total += decode_update(codec.encode({"v": values}, seed), {"v": values.shape})["v"]
+    mean = total / seeds
+
+    # Per-draw error is below one step norm / s, so its standard deviation is
+    # at most half a step; 6 standard errors make a false failure negligible.
+    step = float(np.linalg.norm(values)) / 2
+    np.testing.assert_allclose(mean, values, atol=6 * (step / 2) / math.sqrt(seeds))
+    assert not np.allclose(mean, np.round(values / step) * step, atol=1e-3), "should not be nearest rounding"
+
+
+@pytest.mark.parametrize(("levels", "bits"), [(1, 2), (2, 3), (3, 3), (4, 4), (15, 5), (16, 6), (127, 8)])
+def test_qsgd_bits_per_value(levels, bits):
+    values = np.linspace(-1, 1, 800, dtype=np.float32)
+
+    payload = UpdateCodec(f"qsgd:{levels}").encode({"v": values}, 0)
+
+    header = 4 + 1 + 2 + len(f"qsgd:{levels}") + 4 + 2 + 1 + 1 + 4 + 1 + 4
+    assert len(payload) == header + 4 + 800 * bits // 8 + 4
+
+
+# --- sign and ternary --------------------------------------------------------------
+
+
+def test_sign_exact_hand_case_bytes():
+    values = np.array([1.0, -2.0, 3.0, 0.0], dtype=np.float32)
+
+    payload = UpdateCodec("sign").encode({"v": values}, 0)
+    decoded = decode_update(payload, {"v": (4,)})["v"]
+
+    # mu = (1 + 2 + 3 + 0) / 4; zero counts as positive.
+    np.testing.assert_array_equal(decoded, [1.5, -1.5, 1.5, 1.5])
+    assert payload[-4 - 5 : -4] == np.float32(1.5).astype("<f4").tobytes() + bytes([0b0010])
+
+
+def test_sign_keeps_l1_norm(rng):
+    values = rng.standard_normal(1000).astype(np.float32)
+
+    decoded = round_trip("sign", {"v": values})["v"]
+
+    np.testing.assert_allclose(np.abs(decoded).sum(), np.abs(values).sum(), rtol=1e-5)
+    np.testing.assert_array_equal(np.sign(decoded), np.where(values < 0, -1.0, 1.0))
+
+
+def test_ternary_exact_hand_case():
+    values = np.array([0.5, -4.0, 2.0, 0.1], dtype=np.float32)
+
+    decoded = round_trip("topk:0.5:tensor,ternary", {"v": values})["v"]
+
+    # k = 2 keeps -4 and 2, whose mean magnitude is 3.
+    np.testing.assert_array_equal(decoded, [0.0, -3.0, 3.0, 0.0])
+
+
+def test_ternary_after_threshold_and_empty_selection():
+    update = {"big": np.array([5.0, -1.0, 7.0], np.float32), "small": np.array([0.1, -0.2], np.float32)}
+
+    decoded = round_trip("thresh:1.0,ternary", update)
+
+    mu = np.float32(13 / 3)
+    np.testing.assert_array_equal(decoded["big"], [mu, -mu, mu])
+    np.testing.assert_array_equal(decoded["small"], [0.0, 0.0])
+
+
+# --- fp16 and bf16 -----------------------------------------------------------------
+
+
+def test_fp16_round_trip_matches_numpy_cast(rng):
+    values = (rng.standard_normal(500) * 100).astype(np.float32)
+
+    decoded = round_trip("fp16", {"v": values})["v"]
+
+    np.testing.assert_array_equal(decoded, values.astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("bad", [65520.0, -65520.0, 1e5, 3e38])
+def test_fp16_rejects_values_beyond_range(bad):
+    update = {"fine": np.ones(2, np.float32), "layer.weight": np.array([1.0, bad], np.float32)}
+
+    with pytest.raises(ValueError, match=r"'layer.weight'.*float16 range"):
+        UpdateCodec("fp16").encode(update, 0)
+
+
+def test_fp16_accepts_values_that_round_to_max():
+    values = np.array([65504.0, 65519.0, -65519.0], np.float32)
+
+    decoded = round_trip("fp16", {"v": values})["v"]
+
+    np.testing.assert_array_equal(decoded, [65504.0, 65504.0, -65504.0])
+
+
+BF16_CASES = [
+    (0x3F800000, 0x3F80),  # 1.0, exact
+    (0x3F807FFF, 0x3F80),  # just below the tie: down
+    (0x3F808000, 0x3F80),  # tie, even below: down
+    (0x3F818000, 0x3F82),  # tie, odd below: up to even
+    (0x3F808001, 0x3F81),  # just above the tie: up
+    (0xBF818000, 0xBF82),  # negative tie rounds the magnitude the same way
+    (0x3FFFFFFF, 0x4000),  # carry into the exponent
+    (0x00000001, 0x0000),  # smallest subnormal rounds to zero
+    (0x80018000, 0x8002),  # negative subnormal tie, odd below: up
+    (0x7F7F7FFF, 0x7F7F),  # largest float32 that stays finite in bfloat16
+    (0x80000000, 0x8000),  # negative zero keeps its sign
+]
+
+
+@pytest.mark.parametrize(("float32_bits", "bfloat16_bits"), BF16_CASES, ids=[f"{a:#010x}" for a, _ in BF16_CASES])
+def test_bf16_rounds_to_nearest_even(float32_bits, bfloat16_bits):
+    value = np.array([float32_bits], dtype=np.uint32).view(np.float32)
+
+    assert to_bfloat16_bits(value)[0] == bfloat16_bits
+    decoded = round_trip("bf16", {"v": value})["v"]
+    assert decoded.view(np.uint32)[0] == bfloat16_bits << 16
+
+
+def test_bf16_rejects_values_rounding_to_infinity():
+    value = np.array([0x7F7FFFFF], dtype=np.uint32).view(np.float32)
+
+    with pytest.raises(ValueError, match="'huge'.*bfloat16 range"):
+        UpdateCodec("bf16").encode({"huge": value}, 0)
+
+
+# --- thresh ------------------------------------------------------------------------
+
+
+def test_thresh_keeps_exactly_entries_at_or_above_tau(rng):
+    values = rng.standard_normal((30, 40)).astype(np.float32)
+    values[0, 0] = 1.5  # exactly TAU is kept
+
+    decoded = round_trip("thresh:1.5", {"w": values})["w"]
+
+    keep = np.abs(values) >= 1.5
+    np.testing.assert_array_equal(decoded[keep], values[keep])
+    assert not decoded[~keep].any()
+    assert decoded[0, 0] == np.float32(1.5)
+
+
+def test_thresh_compares_tau_exactly_not_in_float32():
+    # 0.1 as a double lies below float32(0.1), so float32(0.1) is kept; the
+    # largest float32 below it is not.
+    below = np.nextafter(np.float32(0.1), np.float32(0))
+    values = np.array([np.float32(0.1), below], np.float32)
+
+    decoded = round_trip("thresh:0.1", {"v": values})["v"]
+
+    assert decoded.tolist() == [np.float32(0.1), 0.0]
+
+
+def test_thresh_with_quantizer_and_empty_tensors(rng):
+    update = {
+        "w": (rng.standard_normal(200) * 3).astype(np.float32),
+        "quiet": np.full(5, 0.01, np.float32),
+        "empty": np.zeros((0, 3), np.float32),
+        "scalar": np.array(4.0, np.float32),
+    }
+
+    decoded = round_trip("thresh:2.0,q:8", update)
+
+    keep = np.abs(update["w"]) >= 2.0
+    step = (update["w"][keep].max() - update["w"][keep].min()) / 255
+    assert np.all(np.abs(decoded["w"][keep] - update["w"][keep]) <= step * 1.0001)
+    assert not decoded["w"][~keep].any()
+    assert not decoded["quiet"].any()
+    assert decoded["empty"].shape == (0, 3)
+    assert decoded["scalar"] == np.float32(4.0)
+
+
+def test_thresh_uses_canonical_index_coding():
+    values = np.zeros(80, np.float32)
+    values[[3, 50]] = 9.0
+    dense = np.full(80, 9.0, np.float32)
+
+    sparse_payload = UpdateCodec("thresh:1.0").encode({"v": values}, 0)
+    dense_payload = UpdateCodec("thresh:1.0").encode({"v": dense}, 0)
+
+    # Two indices: 2 varint bytes beat the 10-byte bitmap; all 80: the bitmap wins.
+    assert struct.pack("<IBI", 2, 0, 2) + bytes([3, 47]) in sparse_payload
+    assert struct.pack("<IBI", 80, 1, 10) + b"\xff" * 10 in dense_payload
+
+
+# --- randk -------------------------------------------------------------------------
+
+
+def reference_random_k(seed, numel, k):
+    """Random-k subset, one candidate at a time, written from docs/wire-format.md."""
+    mask64 = 2**64 - 1
+    if k >= numel:
+        return set(range(numel))
+    if k == 0:
+        return set()
+    drop = 2 * k > numel
+    target = numel - k if drop else k
+    chosen, j = [], 0
+    seen = set()
+    while len(chosen) < target:
+        z = (seed + (j + 1) * 0x9E3779B97F4A7C15) & mask64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
+        z ^= z >> 31
+        j += 1
+        m = (z >> 32) * numel
+        if (m & 0xFFFFFFFF) < (2**32 % numel):
+            continue
+        index = m >> 32
+        if index not in seen:
+            seen.add(index)
+            chosen.append(index)
+    return set(range(numel)) - seen if drop else seen
+
+
+@pytest.mark.parametrize(
+    ("seed", "numel", "k"),
+    [(0, 10, 3), (1, 10, 7), (2**64 - 1, 1000, 10), (12345, 1000, 600), (7, 3, 1), (99, 70_000, 40), (5, 2, 1)],
+)
+def test_random_k_mask_matches_documented_algorithm(seed, numel, k):
+    mask = random_k_mask(seed, numel, k)
+
+    assert int(mask.sum()) == k
+    assert set(np.flatnonzero(mask).tolist()) == reference_random_k(seed, numel, k)
+
+
+def test_splitmix64_known_values():
+    # First outputs for seed 0, the reference values of SplitMix64.
+    assert splitmix64(0, 0, 3).tolist() == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+
+
+def test_randk_keeps_k_per_tensor_scaled(rng):
+    update = {"w": (rng.standard_normal((20, 50)) + 3).astype(np.float32), "b": np.ones(7, np.float32)}
+
+    payload = UpdateCodec("randk:0.1").encode(update, 11)
+    decoded = decode_update(payload, shapes_of(update))
+
+    for name, k in (("w", 100), ("b", 1)):
+        kept = np.flatnonzero(decoded[name].reshape(-1))
+        assert kept.size == k
+        scale = np.float32(update[name].size / k)
+        np.testing.assert_array_equal(decoded[name].reshape(-1)[kept], update[name].reshape(-1)[kept] * scale)
+
+
+def test_randk_indices_not_sent(rng):
+    update = {"w": rng.standard_normal(100_000).astype(np.float32)}
+
+    payload = UpdateCodec("randk:0.01").encode(update, 0)
+
+    # Seed and k (12 bytes) plus 1000 float32 values, no index bytes.
+    header = 4 + 1 + 2 + len("randk:0.01") + 4 + 2 + 1 + 1 + 4 + 1 + 4
+    assert len(payload) == header + 12 + 4000 + 4
+
+
+def test_randk_unbiased_and_uniform_over_seeds():
+    values = np.linspace(-1, 2, 12, dtype=np.float32)
+    codec = UpdateCodec("randk:0.25")
+    seeds = 3000
+
+    total = np.zeros(values.size)
+    kept = np.zeros(values.size)
+    for seed in range(seeds):
+        decoded = decode_update(codec.encode({"v": values}, seed), {"v": values.shape})["v"]
+        total += decoded
+        kept += decoded != 0
+
+    # Each entry is kept with probability 3 / 12 and then decodes as 4 x, so
+    # one draw has standard deviation sqrt(3) |x|.
+    tolerance = 6 * math.sqrt(3) * np.abs(values) / math.sqrt(seeds) + 1e-6
+    assert np.all(np.abs(total / seeds - values) <= tolerance)
+    nonzero = values != 0
+    frequencies = kept[nonzero] / seeds
+    assert np.all(np.abs(frequencies - 0.25) <= 6 * math.sqrt(0.25 * 0.75 / seeds))
+
+
+def test_randk_fraction_one_and_empty_tensor(rng):
+    update = {"w": rng.standard_normal((3, 4)).astype(np.float32), "e": np.zeros((0,), np.float32)}
+
+    decoded = round_trip("randk:1.0", update)
+
+    np.testing.assert_array_equal(decoded["w"], update["w"])
+    assert decoded["e"].shape == (0,)
+
+
+def test_randk_large_k_is_fast_enough(rng):
+    # A half-dense random-k of a million entries must not loop per element.
+    values = rng.standard_normal(1_000_000).astype(np.float32)
+
+    decoded = round_trip("randk:0.5,q:8", {"v": values})["v"]
+
+    assert np.count_nonzero(decoded) <= 500_000
+
+
+# --- zstd --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["none", "q:4", "topk:0.05,q:8", "thresh:1.0,ternary", "randk:0.2,qsgd:7", "bf16"])
+def test_zstd_wraps_each_body_losslessly(rng, spec):
+    update = {"w": rng.standard_normal((40, 25)).astype(np.float32), "s": np.array(2.0, np.float32)}
+    zstd_spec = "zstd" if spec == "none" else f"{spec},zstd:7"
+
+    plain = UpdateCodec(spec).encode(update, 4)
+    packed = UpdateCodec(zstd_spec).encode(update, 4)
+
+    for name in update:
+        np.testing.assert_array_equal(
+            decode_update(packed, shapes_of(update))[name], decode_update(plain, shapes_of(update))[name]
+        )
+    # Each body is one zstandard frame of the body the plain pipeline writes.
+    plain_bodies = [record.body for record in _records(plain, update)]
+    packed_bodies = [record.body for record in _records(packed, update)]
+    assert [zstandard.ZstdDecompressor().decompress(bytes(body)) for body in packed_bodies] == [
+        bytes(body) for body in plain_bodies
+    ]
+
+
+def test_zstd_shrinks_sparse_quantized_update(rng):
+    values = np.where(rng.random(100_000) < 0.05, rng.standard_normal(100_000), 0).astype(np.float32)
+
+    plain = UpdateCodec("qsgd:3").encode({"v": values}, 0)
+    packed = UpdateCodec("qsgd:3,zstd").encode({"v": values}, 0)
+
+    assert len(packed) < 0.5 * len(plain)
+
+
+def _records(payload, update):
+    reader = PayloadReader(payload)
+    reader.read_header()
+    return list(reader.read_records(shapes_of(update)))
+
+
+# --- declared properties and spec parsing of the new stages ------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "unbiased", "feedback", "commutes"),
+    [
+        ("none", True, False, True),
+        ("q:8", True, False, False),
+        ("q:8:nearest", False, True, False),
+        ("qsgd:15", True, False, False),
+        ("sign", False, True, False),
+        ("topk:0.1,ternary", False, True, False),
+        ("fp16", False, False, True),
+        ("bf16,zstd", False, False, False),
+        ("randk:0.1", True, False, False),
+        ("randk:0.1,qsgd:3", True, False, False),
+        ("thresh:0.5,q:4", False, True, False),
+        ("zstd", True, False, False),
+    ],
+)
+def test_new_stage_declared_properties(spec, unbiased, feedback, commutes):
+    codec = UpdateCodec(spec)
+
+    assert codec.unbiased is unbiased
+    assert codec.error_feedback_advised is feedback
+    assert codec.decode_commutes_with_sum is commutes
+    for stage in codec.stages:
+        assert isinstance(stage.unbiased, bool)
+        assert isinstance(stage.decode_needs_shape, bool)
+        assert isinstance(stage.decode_commutes_with_sum, bool)
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical", "names"),
+    [
+        ("q:8:nearest", "q:8:nearest", ("q",)),
+        ("q:8:256:nearest", "q:8:256:nearest", ("q",)),
+        ("q:8:stochastic", "q:8", ("q",)),
+        ("q:8:64:stochastic", "q:8:64", ("q",)),
+        ("qsgd:15", "qsgd:15", ("qsgd",)),
+        ("qsgd:1:512", "qsgd:1:512", ("qsgd",)),
+        ("sign", "sign", ("sign",)),
+        ("topk:0.01,ternary", "topk:0.01,ternary", ("topk", "ternary")),
+        ("randk:0.1, ternary, zstd:19", "randk:0.1,ternary,zstd:19", ("randk", "ternary", "zstd")),
+        ("fp16", "fp16", ("fp16",)),
+        ("bf16,zstd:3", "bf16,zstd", ("bf16", "zstd")),
+        ("randk:.5,q:4", "randk:0.5,q:4", ("randk", "q")),
+        ("thresh:1e-3,qsgd:7", "thresh:0.001,qsgd:7", ("thresh", "qsgd")),
+        ("thresh:2", "thresh:2.0", ("thresh",)),
+        ("zstd", "zstd", ("none", "zstd")),
+        ("none,zstd:1", "zstd:1", ("none", "zstd")),
+        ("float32,zstd", "zstd", ("none", "zstd")),
+        ("topk:0.01:tensor,q:4:nearest,zstd:9", "topk:0.01:tensor,q:4:nearest,zstd:9", ("topk", "q", "zstd")),
+        ("topk:0.1,zstd", "topk:0.1,zstd", ("topk", "zstd")),
+    ],
+)
+def test_spec_parses_new_stages(text, canonical, names):
+    spec = parse_compression_spec(text)
+
+    assert spec.canonical() == canonical
+    assert spec.stage_names == names
+    assert parse_compression_spec(canonical) == spec
+    # Float32 values are a stage named "none" that the spec text leaves out after a sparsifier.
+    built = [stage.name for stage in UpdateCodec(spec).stages if stage.name != "none"]
+    assert built == [name for name in names if name != "none"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("ternary", ["'ternary'", "needs one before it", "'sign'"]),
+        ("ternary,zstd", ["'ternary'", "needs one before it"]),
+        ("q:8,sign", ["exactly one value coder", "'q' and 'sign'"]),
+        ("fp16,bf16", ["exactly one value coder"]),
+        ("qsgd:4,q:4", ["exactly one value coder"]),
+        ("topk:0.1,randk:0.1", ["at most one sparsifier", "'topk' and 'randk'"]),
+        ("thresh:1,topk:0.1", ["at most one sparsifier"]),
+        ("zstd,q:8", ["'q' must come before 'zstd'"]),
+        ("q:8,zstd,zstd", ["more than once"]),
+        ("sign,topk:0.1", ["'topk' must come before 'sign'"]),
+        ("topk:0.1,sign", ["sparse ternary compression", "'ternary'"]),
+        ("randk:0.1:tensor", ["takes no scope word"]),
+        ("randk:0.1:model", ["takes no scope word"]),
+        ("randk:0", ["(0, 1]"]),
+        ("randk", ["randk:FRACTION"]),
+        ("thresh:0", ["above 0"]),
+        ("thresh:-1", ["not a positive decimal"]),
+        ("thresh:inf", ["not a positive decimal"]),
+        ("thresh:1e999", ["above 0 and finite"]),
+        ("thresh", ["thresh:TAU"]),
+        ("q:8:nearest:4", ["q:BITS:BLOCK:nearest", "3 argument(s)"]),
+        ("q:8:round", ["block size 'round'"]),
+        ("q:8:4:2:nearest", ["q:BITS:BLOCK:nearest", "3 argument(s)"]),
+        ("q:nearest", ["q:BITS", "0 argument(s)"]),
+        ("qsgd:0", ["levels 0", "1..127"]),
+        ("qsgd:128", ["levels 128", "1..127"]),
+        ("qsgd:4:1", ["block size 1"]),
+        ("qsgd:4:nearest", ["block size 'nearest'"]),
+        ("zstd:0", ["zstd level 0", "1..19"]),
+        ("zstd:20", ["zstd level 20"]),
+        ("zstd:3:1", ["zstd:LEVEL"]),
+        ("sign:2", ["expected the form 'sign'"]),
+        ("fp16:1", ["expected the form 'fp16'"]),
+        ("none,sign", ["'none' cannot be combined"]),
+        ("topk:0.1,none", ["'none' cannot be combined", "leave the value coder out"]),
+        ("none,zstd,q:8", ["'none' cannot be combined", "except a final 'zstd'"]),
+    ],
+)
+def test_spec_rejects_invalid_new_stages(text, fragments):
+    with pytest.raises(ValueError) as raised:
+        parse_compression_spec(text)
+
+    message = str(raised.value)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_spec_model_rejects_impossible_combinations():
+    with pytest.raises(ValueError, match="needs one before it"):
+        CompressionSpec(coder="ternary")
+    with pytest.raises(ValueError, match="exactly one value coder"):
+        CompressionSpec(bits=8, qsgd_levels=4)
+    with pytest.raises(ValueError, match="at most one sparsifier"):
+        CompressionSpec(topk_fraction=0.1, threshold=1.0)
+    with pytest.raises(ValueError, match="rounding 'nearest' needs bits"):
+        CompressionSpec(rounding="nearest")
+    with pytest.raises(ValueError, match="write 'ternary'"):
+        CompressionSpec(randk_fraction=0.1, coder="sign")
+    assert CompressionSpec(qsgd_levels=4, block_size=64).canonical() == "qsgd:4:64"
+    assert CompressionSpec.model_validate("bf16,zstd:9") == CompressionSpec(coder="bf16", zstd_level=9)

@@ -20,6 +20,15 @@ def shapes_of(update):
         "topk:0.05:tensor,q:4",
         "topk:0.01:tensor",
         "topk:0.3:tensor,q:2",
+        "sign",
+        "topk:0.1,ternary",
+        "topk:0.1:tensor,ternary,zstd",
+        "thresh:1.5,ternary",
+        "thresh:1.0,q:4",
+        "q:3:nearest",
+        "qsgd:4:16",
+        "fp16",
+        "bf16,zstd",
     ],
 )
 def test_sum_telescopes(spec):
@@ -213,3 +222,49 @@ def test_residual_keeps_shapes_and_float32(spec):
         assert isinstance(residual[name], np.ndarray), name
         assert residual[name].dtype == np.float32, name
         assert residual[name].shape == np.shape(array), name
+
+
+@pytest.mark.parametrize("spec", ["sign", "topk:0.05,ternary", "thresh:2.0,ternary"])
+def test_sign_and_ternary_residual_stays_bounded(spec):
+    # Scaled sign and sparse ternary are biased; with error feedback the
+    # residual must settle instead of growing with the number of rounds
+    # (Karimireddy et al. 2019; Sattler et al. 2019).
+    rng = np.random.default_rng(3)
+    codec = UpdateCodec(spec)
+    residual = None
+    norms = []
+
+    for round_index in range(60):
+        update = {"w": rng.standard_normal(400).astype(np.float32)}
+        _, residual = encode_with_error_feedback(codec, update, residual, seed=round_index)
+        norms.append(float(np.linalg.norm(residual["w"])))
+
+    update_norm = np.sqrt(400)
+    assert max(norms[30:]) < 20 * update_norm
+    assert np.mean(norms[45:]) < 2 * np.mean(norms[15:30])
+
+
+def test_sign_residual_is_exact_loss():
+    update = {"v": np.array([1.0, -2.0, 3.0, 0.0], np.float32)}
+
+    payload, residual = encode_with_error_feedback(UpdateCodec("sign"), update, None, seed=0)
+
+    np.testing.assert_array_equal(residual["v"], [-0.5, -0.5, 1.5, -1.5])
+    second, _ = encode_with_error_feedback(UpdateCodec("sign"), update, residual, seed=1)
+    # The second round codes update + residual = [0.5, -2.5, 4.5, -1.5], mean magnitude 2.25.
+    np.testing.assert_array_equal(decode_update(second, {"v": (4,)})["v"], [2.25, -2.25, 2.25, -2.25])
+
+
+def test_ternary_sends_every_coordinate_eventually():
+    rng = np.random.default_rng(5)
+    codec = UpdateCodec("topk:0.02,ternary")
+    residual = None
+    sent = np.zeros(500, bool)
+
+    # 10 entries a round: plain top-k needs about 400 rounds here too.
+    for round_index in range(400):
+        update = {"w": (rng.standard_normal(500) * 0.1).astype(np.float32)}
+        payload, residual = encode_with_error_feedback(codec, update, residual, seed=round_index)
+        sent |= decode_update(payload, {"w": (500,)})["w"] != 0
+
+    assert sent.all()

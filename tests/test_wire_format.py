@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -149,6 +150,55 @@ def q_payload(b_body, spec=Q8_SPEC, w_body=W_Q8_GOOD[3]):
     return frame(spec, [("w", (2, 3), 1, w_body), ("b", (3,), 1, b_body)])
 
 
+def qsgd_body(norm, codes, padding=0):
+    """A qsgd:3 or qsgd:2 body (3-bit codes) of one norm and the given codes."""
+    stream = sum(code << (3 * position) for position, code in enumerate(codes))
+    packed = stream.to_bytes((3 * len(codes) + 7) // 8, "little")
+    packed = packed[:-1] + bytes([packed[-1] | padding])
+    return struct.pack("<f", norm) + packed
+
+
+def sign_body(magnitude, bits):
+    return struct.pack("<fB", magnitude, bits)
+
+
+def randk_body(seed, k, values_body):
+    return struct.pack("<QI", seed, k) + values_body
+
+
+def zstd_frame(body, content_size=True):
+    return zstandard.ZstdCompressor(level=3, write_content_size=content_size).compress(body)
+
+
+def lying_zstd_frame(body):
+    """A frame whose header declares one byte less content than it holds."""
+    frame = bytearray(zstd_frame(body))
+    assert zstandard.get_frame_parameters(bytes(frame)).content_size == len(body)
+    # Single-segment frame with a 1-byte content size field right after the descriptor.
+    assert frame[4] & 0xC0 == 0
+    assert frame[4] & 0x20
+    frame[5] -= 1
+    return bytes(frame)
+
+
+# Magic, a descriptor with an 8-byte content size field and the single-segment
+# flag, then 2**40 as the content size: the header of a bomb, no blocks.
+ZSTD_BOMB_HEADER = bytes.fromhex("28b52ffd") + bytes([0xE0]) + struct.pack("<Q", 2**40) + bytes([1, 0, 0])
+
+
+def zstd_payload(b_body):
+    return frame("zstd", [("w", (2, 3), 1, zstd_frame(float32_body(W))), ("b", (3,), 1, b_body)])
+
+
+# Valid `w` bodies (6 values) for the stages above; each case breaks only `b`.
+W_QSGD = qsgd_body(1.0, [0] * 6)
+W_QSGD2 = qsgd_body(1.0, [0] * 6)
+W_SIGN = sign_body(1.0, 0)
+W_RANDK = randk_body(0, 3, float32_body([1, 2, 3]))
+W_THRESH = topk_body(0, 0, b"", b"")
+W_TERNARY = ("w", (2, 3), 1, topk_body(1, 0, varint_bytes(0), sign_body(1.0, 0)))
+
+
 MALFORMED = {
     # Framing.
     "empty payload": (b"", "truncated"),
@@ -181,7 +231,7 @@ MALFORMED = {
     ),
     # Corrupted fields.
     "invalid spec text": (frame("q:9", [W_Q8_GOOD, B_Q8_GOOD]), "bits 9"),
-    "unknown stage": (frame("zstd:3", [W_NONE, B_NONE]), "unknown stage 'zstd'"),
+    "unknown stage": (frame("lz4:3", [W_NONE, B_NONE]), "unknown stage 'lz4'"),
     "spec not UTF-8": (frame(b"\xff\xfe", [W_NONE, B_NONE]), "UTF-8"),
     "name not UTF-8": (frame("none", [(b"\xc3\x28", (2, 3), 1, float32_body(W)), B_NONE]), "UTF-8"),
     "unknown dtype code": (frame("none", [("w", (2, 3), 7, float32_body(W)), B_NONE]), "dtype code 7"),
@@ -301,6 +351,56 @@ MALFORMED = {
         topk_payload(topk_body(1, 0, varint_bytes(0), float32_body([np.nan]))),
         "not finite",
     ),
+    # QSGD bodies (qsgd:3: 3-bit codes, level in bits 0-1, sign in bit 2).
+    "qsgd body wrong length": (q_payload(qsgd_body(2.0, [1, 2, 3])[:-1], "qsgd:3", W_QSGD), "expected exactly 6"),
+    "qsgd NaN norm": (q_payload(qsgd_body(np.nan, [1, 2, 3]), "qsgd:3", W_QSGD), "norm nan"),
+    "qsgd negative norm": (q_payload(qsgd_body(-1.0, [1, 2, 3]), "qsgd:3", W_QSGD), "norm -1.0"),
+    "qsgd level above levels": (q_payload(qsgd_body(2.0, [1, 0, 3]), "qsgd:2", W_QSGD2), "level 3 at position 2 exceeds"),
+    "qsgd negative zero": (q_payload(qsgd_body(2.0, [1, 0b100, 3]), "qsgd:3", W_QSGD), "sign bit set"),
+    "qsgd padding bits": (
+        q_payload(qsgd_body(2.0, [1, 2, 3], padding=0x80), "qsgd:3", W_QSGD),
+        "padding bits",
+    ),
+    # Sign and ternary bodies.
+    "sign body wrong length": (q_payload(sign_body(1.0, 0b010) + b"\x00", "sign", W_SIGN), "expected exactly 5"),
+    "sign NaN magnitude": (q_payload(sign_body(np.nan, 0b010), "sign", W_SIGN), "magnitude is nan"),
+    "sign negative magnitude": (q_payload(sign_body(-2.0, 0b010), "sign", W_SIGN), "magnitude is -2.0"),
+    "sign padding bits": (q_payload(sign_body(1.0, 0b1010), "sign", W_SIGN), "padding bits"),
+    "ternary infinite magnitude": (
+        frame("topk:0.5,ternary", [W_TERNARY, ("b", (3,), 1, topk_body(1, 0, varint_bytes(2), sign_body(np.inf, 0)))]),
+        "ternary magnitude is inf",
+    ),
+    # Casts.
+    "fp16 body wrong length": (q_payload(bytes(5), "fp16", bytes(12)), "fp16 body for 3 values is 5 bytes"),
+    "fp16 infinity": (q_payload(struct.pack("<3H", 0, 0x7C00, 0), "fp16", bytes(12)), "0x7c00 at position 1"),
+    "fp16 NaN": (q_payload(struct.pack("<3H", 0xFE01, 0, 0), "fp16", bytes(12)), "not finite"),
+    "bf16 infinity": (q_payload(struct.pack("<3H", 0, 0, 0xFF80), "bf16", bytes(12)), "0xff80 at position 2"),
+    "bf16 NaN": (q_payload(struct.pack("<3H", 0x7FC0, 0, 0), "bf16", bytes(12)), "not finite"),
+    "bf16 body wrong length": (q_payload(bytes(8), "bf16", bytes(12)), "expected exactly 6"),
+    # Random-k bodies.
+    "randk shorter than header": (q_payload(b"\x00" * 11, "randk:0.5", W_RANDK), "12-byte header"),
+    "randk k above numel": (q_payload(randk_body(1, 4, float32_body([1, 2, 3, 4])), "randk:0.5", W_RANDK), "k = 4 exceeds"),
+    "randk values wrong length": (q_payload(randk_body(1, 2, float32_body([1])), "randk:0.5", W_RANDK), "expected exactly 8"),
+    "randk values non-finite": (q_payload(randk_body(1, 1, float32_body([np.inf])), "randk:0.5", W_RANDK), "not finite"),
+    # Threshold bodies share the top-k checks.
+    "thresh k above numel": (
+        q_payload(topk_body(4, 0, varint_bytes(0, 1, 1, 1), float32_body([1, 2, 3, 4])), "thresh:1.0", W_THRESH),
+        "threshold k = 4 exceeds",
+    ),
+    "thresh index out of range": (
+        q_payload(topk_body(1, 0, varint_bytes(3), float32_body([1])), "thresh:1.0", W_THRESH),
+        "out of range",
+    ),
+    # zstd frames.
+    "zstd not a frame": (zstd_payload(b"\x00" * 12), "not a zstandard frame"),
+    "zstd content size unknown": (zstd_payload(zstd_frame(float32_body(B), content_size=False)), "does not declare"),
+    "zstd declares too much": (zstd_payload(zstd_frame(float32_body(B) + bytes(1))), "largest valid body"),
+    "zstd bomb declares 2**40": (zstd_payload(ZSTD_BOMB_HEADER), "1099511627776 bytes of content"),
+    "zstd content beyond declared": (zstd_payload(lying_zstd_frame(float32_body(B))), "corrupt"),
+    "zstd trailing bytes": (zstd_payload(zstd_frame(float32_body(B)) + b"\x00"), "corrupt"),
+    "zstd truncated frame": (zstd_payload(zstd_frame(float32_body(B))[:-2]), "corrupt"),
+    "zstd inner body invalid": (zstd_payload(zstd_frame(float32_body([0, np.nan, 1]))), "not finite"),
+    "zstd inner body short": (zstd_payload(zstd_frame(float32_body([0, 1]))), "expected exactly 12"),
 }
 
 
@@ -325,6 +425,53 @@ def test_malformed_cases_differ_from_valid_by_one_fault():
     decoded = decode_update(frame(TOPK_SPEC, [W_TOPK_GOOD, B_TOPK_GOOD]), TOPK_SHAPES)
     assert decoded["w"].reshape(-1).tolist() == [1.0, 0.0, 2.0, 0.0, 3.0] + [0.0] * 58
     assert decoded["b"].tolist() == [0.0, 0.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "w_body", "b_body", "b_expected"),
+    [
+        ("qsgd:3", W_QSGD, qsgd_body(2.0, [1, 0b110, 3]), [2 / 3, -4 / 3, 2.0]),
+        ("qsgd:2", W_QSGD2, qsgd_body(2.0, [1, 0b110, 2]), [1.0, -2.0, 2.0]),
+        ("sign", W_SIGN, sign_body(1.5, 0b010), [1.5, -1.5, 1.5]),
+        ("fp16", bytes(12), struct.pack("<3H", 0x3C00, 0xC000, 0x7BFF), [1.0, -2.0, 65504.0]),
+        ("bf16", bytes(12), struct.pack("<3H", 0x3F80, 0xC000, 0x7F7F), [1.0, -2.0, 3.3895313892515355e38]),
+        ("randk:0.5", W_RANDK, randk_body(1, 1, float32_body([3.0])), None),
+        ("thresh:1.0", W_THRESH, topk_body(1, 0, varint_bytes(2), float32_body([2.0])), [0.0, 0.0, 2.0]),
+        ("zstd", zstd_frame(float32_body(W)), zstd_frame(float32_body(B)), B.tolist()),
+    ],
+)
+def test_new_stage_fixtures_decode_when_valid(spec, w_body, b_body, b_expected):
+    # The malformed cases above change one field of these bodies.
+    decoded = decode_update(q_payload(b_body, spec, w_body), SHAPES)
+
+    if b_expected is None:
+        assert np.count_nonzero(decoded["b"]) == 1
+        assert decoded["b"].max() == 3.0
+    else:
+        np.testing.assert_allclose(decoded["b"], b_expected, rtol=1e-6)
+
+
+def test_ternary_fixture_decodes_when_valid():
+    b_body = topk_body(1, 0, varint_bytes(2), sign_body(2.0, 1))
+    payload = frame("topk:0.5,ternary", [W_TERNARY, ("b", (3,), 1, b_body)])
+
+    assert decode_update(payload, SHAPES)["b"].tolist() == [0.0, 0.0, -2.0]
+
+
+def test_zstd_bomb_rejected_before_allocating():
+    # A 17-byte frame header declaring a terabyte, and a real frame that
+    # expands 1000 times to 100 MB without declaring its size.
+    unknown_size = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(100_000_000))
+    assert len(unknown_size) < 10_000
+    for b_body, fragment in ((ZSTD_BOMB_HEADER, "1099511627776"), (unknown_size, "does not declare")):
+        tracemalloc.start()
+        try:
+            with pytest.raises(DecodeError, match=fragment):
+                decode_update(zstd_payload(b_body), SHAPES)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1_000_000
 
 
 @pytest.mark.parametrize(
@@ -431,6 +578,18 @@ def worst_case_payloads():
         "bitmap k = numel, q:8:2": ("topk:1,q:8:2", topk_body(n, 1, full_bitmap, q_tail(8, n, 2))),
         "bitmap k = numel, float32": ("topk:1", topk_body(n, 1, full_bitmap, float32_body(np.zeros(n)))),
         "dense q:1:2": ("q:1:2", q_tail(1, n, 2)),
+        "dense qsgd:127:2": ("qsgd:127:2", b"".join([struct.pack("<f", 1.0)] * (n // 2)) + bytes(n)),
+        "dense qsgd:1": ("qsgd:1", struct.pack("<f", 1.0) + bytes(n // 4)),
+        "dense sign": ("sign", struct.pack("<f", 1.0) + b"\x55" * (n // 8)),
+        "dense fp16": ("fp16", bytes(2 * n)),
+        "dense bf16": ("bf16", bytes(2 * n)),
+        "bitmap k = numel, thresh, ternary": ("thresh:1.0,ternary", topk_body(n, 1, full_bitmap, sign_body(1.0, 0) + bytes(n // 8 - 1))),
+        "randk k = numel / 2, q:8:2": ("randk:0.5,q:8:2", randk_body(3, n // 2, q_tail(8, n // 2, 2))),
+        "randk k = numel - 1, float32": ("randk:1,q:1", randk_body(3, n - 1, q_tail(1, n - 1))),
+        "randk k = numel / 3, float32": ("randk:0.4", randk_body(3, n // 3, float32_body(np.zeros(n // 3)))),
+        "zstd dense float32 of zeros": ("zstd", zstd_frame(bytes(4 * n))),
+        "zstd bitmap k = numel, float32": ("topk:1,zstd", zstd_frame(topk_body(n, 1, full_bitmap, bytes(4 * n)))),
+        "zstd declares the limit plus one": ("topk:1,zstd", zstd_frame(bytes(9 + n // 8 + 4 * n + 1))),
         "dense q:8:2": ("q:8:2", q_tail(8, n, 2)),
         "dense float32": ("none", float32_body(np.zeros(n))),
     }
@@ -483,6 +642,14 @@ def fuzz_seed_payloads():
         "topk:0.05,q:1:2",
         "topk:0.2:tensor,q:4",
         "topk:0.05:tensor,q:1:2",
+        "qsgd:3:5",
+        "sign",
+        "topk:0.2,ternary",
+        "fp16",
+        "bf16",
+        "randk:0.3,q:4",
+        "thresh:0.5",
+        "q:4:nearest,zstd",
     ]
     return [UpdateCodec(spec).encode(update, 3) for spec in specs]
 
