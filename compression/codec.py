@@ -1,4 +1,11 @@
-"""Encoding and decoding of a whole model update under one pipeline spec."""
+"""Encoding and decoding of a whole model update under one spec.
+
+A spec is a default pipeline plus optional per-layer rules. Each tensor is
+encoded with the pipeline of the first rule that matches its name and shape,
+and the reader resolves the same rule from the expected name and shape, so a
+record carries no pipeline tag. Model-scope top-k ranks together only the
+tensors that one pipeline governs.
+"""
 
 import logging
 import math
@@ -9,7 +16,7 @@ import numpy as np
 
 from .errors import DecodeError
 from .spec import CompressionSpec, parse_compression_spec
-from .stages import Sparsifier, ValueStage, Zstd, build_stages, max_body_size
+from .stages import Pipeline, Sparsifier, ValueStage, Zstd
 from .wire import DTYPE_FLOAT32, MAX_NDIM, MAX_U16, MAX_U32, PayloadReader, TensorRecord, write_payload
 
 logger = logging.getLogger(__name__)
@@ -33,16 +40,17 @@ class UpdateCodec:
     ----------
     spec : CompressionSpec or str
         The pipeline, for example ``"topk:0.01,q:8"`` (top-k over the whole
-        update), ``"topk:0.01:tensor,q:8"`` (top-k per tensor) or
-        ``"randk:0.1,qsgd:15,zstd"``. A string is parsed with
-        `parse_compression_spec`.
+        update), ``"topk:0.01:tensor,q:8"`` (top-k per tensor),
+        ``"randk:0.1,qsgd:15,zstd"``, ``"lowrank:2,q:8"`` (PowerSGD-style
+        factors of the weight matrices) or ``"topk:0.01,q:8;bias=none"``
+        (biases sent exactly). A string is parsed with `parse_compression_spec`.
 
     Attributes
     ----------
     spec : CompressionSpec
         The parsed pipeline, written in canonical form into every payload.
     unbiased : bool
-        Whether every stage is unbiased, so decoded updates equal the input in
+        Whether every stage of every pipeline (default and rules) is unbiased, so decoded updates equal the input in
         expectation over the seed.
     error_feedback_advised : bool
         Whether any stage drops enough that clients should keep a residual
@@ -53,18 +61,26 @@ class UpdateCodec:
 
     def __init__(self, spec: CompressionSpec | str) -> None:
         self.spec = spec if isinstance(spec, CompressionSpec) else parse_compression_spec(spec)
-        self._sparsifier, self._value_stage, self._lossless = build_stages(self.spec)
+        spec_size = len(self.spec.canonical().encode("utf-8"))
+        if spec_size > MAX_U16:
+            raise ValueError(
+                f"canonical spec is {spec_size} UTF-8 bytes, the payload header holds at most "
+                f"{MAX_U16}; use fewer or shorter rules"
+            )
 
-        stages = self.stages
+        # Position 0 is the default pipeline, position i the i-th rule's.
+        self._pipelines = [Pipeline(self.spec.default_pipeline)]
+        self._pipelines += [Pipeline(rule.pipeline) for rule in self.spec.rules]
+
+        stages = [stage for pipeline in self._pipelines for stage in pipeline.stages]
         self.unbiased = all(stage.unbiased for stage in stages)
         self.error_feedback_advised = any(stage.error_feedback_advised for stage in stages)
         self.decode_commutes_with_sum = all(stage.decode_commutes_with_sum for stage in stages)
 
     @property
     def stages(self) -> tuple["Sparsifier | ValueStage | Zstd", ...]:
-        """The stage objects in pipeline order."""
-        stages = (self._sparsifier, self._value_stage, self._lossless)
-        return tuple(stage for stage in stages if stage is not None)
+        """The default pipeline's stage objects in pipeline order (rules' stages not included)."""
+        return self._pipelines[0].stages
 
     def encode(self, update: Mapping[str, np.ndarray], seed: int) -> bytes:
         """Encode an update into one wire-format payload.
@@ -75,9 +91,10 @@ class UpdateCodec:
             Tensor name to floating-point array of any shape, 0-d included.
             Arrays are converted to float32. The payload keeps the mapping's order.
         seed : int
-            Non-negative seed of the stochastic rounding and the random-k
-            subsets. The same update and seed always give the same bytes.
-            Tensor ``i`` draws from ``SeedSequence([seed, i])``.
+            Non-negative seed of the stochastic rounding, the random-k
+            subsets and the low-rank sketches. The same update and seed
+            always give the same bytes. Tensor ``i`` draws from
+            ``SeedSequence([seed, i])``.
 
         Raises
         ------
@@ -95,26 +112,24 @@ class UpdateCodec:
         for name, array in update.items():
             tensors.append((name, _as_float32(name, array, f"tensor {name!r}")))
         flats = [values.reshape(-1) for _, values in tensors]
+        governing = [self.spec.pipeline_for(name, values.shape)[0] for name, values in tensors]
 
-        # Model-scope top-k ranks all tensors together, so every tensor's kept
-        # indices are known before the first body is written.
-        kept_indices = None
-        if self._sparsifier is not None:
-            kept_indices = self._sparsifier.select_update(flats)
+        # Model-scope top-k ranks all tensors of its pipeline together, so
+        # every tensor's kept indices are known before the first body is written.
+        selections: list = [None] * len(tensors)
+        for index, pipeline in enumerate(self._pipelines):
+            positions = [position for position, chosen in enumerate(governing) if chosen == index]
+            chosen = pipeline.select_update([flats[position] for position in positions], int(seed))
+            if chosen is not None:
+                for position, selection in zip(positions, chosen):
+                    selections[position] = selection
 
         records = []
         for position, ((name, values), flat) in enumerate(zip(tensors, flats)):
             where = f"tensor {name!r}"
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), position])))
-
-            if kept_indices is None:
-                body = self._value_stage.encode(flat, rng, where)
-            else:
-                body = self._sparsifier.encode(
-                    flat, kept_indices[position], self._value_stage, rng, where
-                )
-            if self._lossless is not None:
-                body = self._lossless.encode(body)
+            pipeline = self._pipelines[governing[position]]
+            body = pipeline.encode(flat, values.shape, selections[position], rng, where)
 
             if len(body) > MAX_U32:
                 raise ValueError(
@@ -134,7 +149,8 @@ def decode_update(
 ) -> dict[str, np.ndarray]:
     """Decode one client's payload into float32 arrays.
 
-    The pipeline is read from the payload header. Every declared length and
+    The spec is read from the payload header, and each tensor's pipeline is
+    resolved from its expected name and shape. Every declared length and
     count is checked against the bytes present and against `expected_shapes`
     before anything is allocated, so memory use is bounded by the expected
     model size.
@@ -195,23 +211,12 @@ def _decode_checked(
     if expected_spec is not None and spec != expected_spec:
         raise DecodeError(f"payload was encoded with {spec}, expected {expected_spec}")
 
-    sparsifier, value_stage, lossless = build_stages(spec)
+    pipelines = [Pipeline(spec.default_pipeline)] + [Pipeline(rule.pipeline) for rule in spec.rules]
     decoded: dict[str, np.ndarray] = {}
     for record in reader.read_records(shapes):
         where = f"tensor {record.name!r}"
-        numel = math.prod(record.shape)
-
-        # The limit is the longest body the stages accept for this shape, so
-        # a frame cannot decompress to more than a valid payload would carry.
-        body = record.body
-        if lossless is not None:
-            body = lossless.decode(body, max_body_size(sparsifier, value_stage, numel), where)
-
-        if sparsifier is None:
-            flat = value_stage.decode(body, numel, where)
-        else:
-            flat = sparsifier.decode(body, numel, value_stage, where)
-        del body
+        position, _ = spec.pipeline_for(record.name, record.shape)
+        flat = pipelines[position].decode(record.body, record.shape, where)
         decoded[record.name] = flat.reshape(record.shape)
 
     return {name: decoded[name] for name in shapes}

@@ -1,8 +1,14 @@
-"""The compression pipeline spec: a short text such as ``"topk:0.01,q:8"``.
+"""The compression pipeline spec: a short text such as ``"topk:0.01,q:8;bias=none"``.
+
+A spec is a default pipeline, optionally followed by per-layer rules, each
+after a semicolon: ``PIPELINE;SELECTOR=PIPELINE;SELECTOR=PIPELINE``. A tensor
+takes the pipeline of the first rule whose selector matches it, and the
+default pipeline when none does (see `LayerRule`).
 
 A pipeline is up to three comma-separated stages, in this order: at most one
-sparsifier, then at most one value coder (raw float32 when none is named), then
-optionally ``zstd``. Spaces around tokens are ignored.
+sparsifier (or the low-rank reducer), then at most one value coder (raw
+float32 when none is named), then optionally ``zstd``. Spaces around tokens
+are ignored.
 
 Sparsifiers, which choose the entries that are sent:
 
@@ -16,6 +22,14 @@ Sparsifiers, which choose the entries that are sent:
   tensor drawn at random from a seed that the body carries, scaled by
   ``numel / k``. It has no scope word: k is always per tensor.
 - ``thresh:TAU``: keep the entries with ``|x| >= TAU``, ``TAU > 0`` decimal.
+
+Low-rank reducer, in the sparsifier's place:
+
+- ``lowrank:RANK``: PowerSGD-style rank-``RANK`` factors ``P`` and ``Q`` of
+  each tensor with ``ndim >= 2``, seen as a ``shape[0] x prod(shape[1:])``
+  matrix; the value coder codes the factors. A tensor with ``ndim < 2``, or
+  one where ``RANK * (m + n) >= m * n``, is sent densely through the value
+  coder instead. ``RANK`` is 1 to 65535.
 
 Value coders, which code the kept values (all values without a sparsifier):
 
@@ -40,15 +54,29 @@ Lossless, last:
   1 to 19 (default 3).
 
 Each stage appears at most once.
+
+Per-layer rules, ``SELECTOR=PIPELINE``, where the selector is one of:
+
+- ``bias``: a 1-d tensor whose name ends with ``bias``;
+- ``vector``: a tensor with ``ndim <= 1`` (biases, norm scales, scalars);
+- ``small:N``: a tensor with fewer than ``N`` elements, ``N >= 1``;
+- anything else: a case-sensitive glob over the tensor name (Python's
+  ``fnmatch.fnmatchcase``: ``*`` any run of characters, dots included, ``?``
+  one character, ``[seq]`` and ``[!seq]`` character sets). A tensor literally
+  named ``bias`` is matched by the glob ``[b]ias``.
+
+Selectors contain no whitespace, ``;`` or ``=``, and each appears at most
+once. A rule's pipeline has the grammar above and no rules of its own.
 """
 
+import fnmatch
 import math
 import re
 from typing import Any, Literal
 
 import pydantic
 
-SPARSIFIERS = ("topk", "randk", "thresh")
+SPARSIFIERS = ("topk", "randk", "thresh", "lowrank")
 VALUE_CODERS = ("none", "q", "qsgd", "sign", "ternary", "fp16", "bf16")
 LOSSLESS = ("zstd",)
 KNOWN_STAGES = SPARSIFIERS + VALUE_CODERS + LOSSLESS
@@ -58,10 +86,16 @@ TOPK_SCOPES = ("model", "tensor")
 DEFAULT_TOPK_SCOPE = "model"
 DEFAULT_ROUNDING = "stochastic"
 VALID_EXAMPLE = "topk:0.01,q:8"
+RULES_EXAMPLE = "topk:0.01,q:8;bias=none;*norm*=q:8"
 MIN_BITS, MAX_BITS = 1, 8
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 2, 2**31 - 1
 MIN_QSGD_LEVELS, MAX_QSGD_LEVELS = 1, 127
 MIN_ZSTD_LEVEL, MAX_ZSTD_LEVEL = 1, 19
+MIN_RANK, MAX_RANK = 1, 2**16 - 1
+RULE_SEPARATOR = ";"
+# Value coders that may code low-rank factors: sign and ternary would keep only
+# the factors' signs, which no longer span the update's column space.
+LOWRANK_VALUE_CODERS = ("none", "q", "qsgd", "fp16", "bf16")
 DEFAULT_ZSTD_LEVEL = 3
 
 # Stage groups in pipeline order; a token's group may not be below an earlier one's.
@@ -71,6 +105,7 @@ _GROUP = {name: 0 for name in SPARSIFIERS} | {name: 1 for name in VALUE_CODERS} 
 # fractions as Python does (float() alone would also take "nan", "inf" and "1_0").
 _DECIMAL = re.compile(r"(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _INTEGER = re.compile(r"\d{1,12}")
+_WHITESPACE = re.compile(r"\s")
 
 
 class CompressionSpec(pydantic.BaseModel):
@@ -102,6 +137,11 @@ class CompressionSpec(pydantic.BaseModel):
         Magnitude threshold TAU > 0: entries with ``|x| >= TAU`` are kept. The
         number of entries sent, and so the bytes, follows the update's scale,
         so TAU must be tuned to it (a few times the typical entry works).
+    lowrank_rank : int or None
+        Rank of the PowerSGD-style factors, 1 to 65535. A ``m x n`` matrix
+        costs ``rank * (m + n)`` values instead of ``m * n``; rank 1 to 4
+        usually suffices with error feedback, which low-rank needs because it
+        is biased. Tensors that low-rank would not shrink are sent densely.
     bits : int or None
         Quantization width, 1 to 8. Each bit fewer halves the number of levels
         and roughly doubles the rounding noise.
@@ -122,6 +162,10 @@ class CompressionSpec(pydantic.BaseModel):
     zstd_level : int or None
         zstandard level, 1 to 19, or None for no lossless stage. Higher levels
         compress slightly better and encode slower; decoding speed hardly changes.
+    rules : tuple of LayerRule
+        Per-layer rules, tried in order; the first whose selector matches a
+        tensor gives its pipeline, and the fields above apply to the rest.
+        Rules' pipelines have no rules of their own.
     """
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
@@ -142,6 +186,8 @@ class CompressionSpec(pydantic.BaseModel):
     zstd_level: int | None = pydantic.Field(
         default=None, ge=MIN_ZSTD_LEVEL, le=MAX_ZSTD_LEVEL, strict=True
     )
+    lowrank_rank: int | None = pydantic.Field(default=None, ge=MIN_RANK, le=MAX_RANK, strict=True)
+    rules: tuple["LayerRule", ...] = ()
 
     @pydantic.model_validator(mode="before")
     @classmethod
@@ -180,6 +226,7 @@ class CompressionSpec(pydantic.BaseModel):
                 ("topk", self.topk_fraction),
                 ("randk", self.randk_fraction),
                 ("thresh", self.threshold),
+                ("lowrank", self.lowrank_rank),
             )
             if value is not None
         ]
@@ -200,6 +247,12 @@ class CompressionSpec(pydantic.BaseModel):
                 "each one codes float values, not another coder's codes"
             )
 
+        if self.lowrank_rank is not None and self.coder in ("sign", "ternary"):
+            raise ValueError(
+                f"{self.coder!r} cannot code low-rank factors: the factors' signs alone do not "
+                f"span the update; write one of {', '.join(LOWRANK_VALUE_CODERS)}, "
+                "as in 'lowrank:2,q:8'"
+            )
         if self.coder == "ternary" and not sparsifiers:
             raise ValueError(
                 "'ternary' codes the values a sparsifier kept and needs one before it, "
@@ -209,6 +262,23 @@ class CompressionSpec(pydantic.BaseModel):
             raise ValueError(
                 f"'sign' after {sparsifiers[0]!r} is sparse ternary compression; write 'ternary'"
             )
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _check_rules(self) -> "CompressionSpec":
+        seen: dict[str, int] = {}
+        for position, rule in enumerate(self.rules, start=1):
+            if rule.pipeline.rules:
+                raise ValueError(
+                    f"rule {position} ({rule.selector!r}) has rules of its own; a rule's pipeline "
+                    f"is a plain pipeline such as 'q:8'. Example of a valid spec: {RULES_EXAMPLE!r}"
+                )
+            if rule.selector in seen:
+                raise ValueError(
+                    f"rule {position} repeats selector {rule.selector!r} of rule "
+                    f"{seen[rule.selector]}, so it would never match; remove one of them"
+                )
+            seen[rule.selector] = position
         return self
 
     @property
@@ -222,6 +292,8 @@ class CompressionSpec(pydantic.BaseModel):
             names.append("randk")
         if self.threshold is not None:
             names.append("thresh")
+        if self.lowrank_rank is not None:
+            names.append("lowrank")
         if self.bits is not None:
             names.append("q")
         if self.qsgd_levels is not None:
@@ -236,6 +308,29 @@ class CompressionSpec(pydantic.BaseModel):
 
     def canonical(self) -> str:
         """Return the canonical text, for which ``parse_compression_spec`` returns an equal spec."""
+        rules = "".join(
+            f"{RULE_SEPARATOR}{rule.selector}={rule.pipeline.canonical()}" for rule in self.rules
+        )
+        return self._pipeline_canonical() + rules
+
+    @property
+    def default_pipeline(self) -> "CompressionSpec":
+        """The pipeline for tensors that no rule matches: this spec without its rules."""
+        return self.model_copy(update={"rules": ()}) if self.rules else self
+
+    def pipeline_for(self, name: str, shape: tuple[int, ...]) -> tuple[int, "CompressionSpec"]:
+        """Return ``(rule position, pipeline)`` of the first rule matching a tensor.
+
+        Position 0 is the default pipeline, rule ``i`` (counted from 1) is
+        position ``i``. The decision uses only the name and the shape, which
+        the reader knows from the expected model, so the body needs no tag.
+        """
+        for position, rule in enumerate(self.rules, start=1):
+            if rule.matches(name, shape):
+                return position, rule.pipeline
+        return 0, self.default_pipeline
+
+    def _pipeline_canonical(self) -> str:
         tokens = []
         if self.topk_fraction is not None:
             scope = "" if self.topk_scope == DEFAULT_TOPK_SCOPE else f":{self.topk_scope}"
@@ -244,6 +339,8 @@ class CompressionSpec(pydantic.BaseModel):
             tokens.append(f"randk:{self.randk_fraction!r}")
         if self.threshold is not None:
             tokens.append(f"thresh:{self.threshold!r}")
+        if self.lowrank_rank is not None:
+            tokens.append(f"lowrank:{self.lowrank_rank}")
 
         block = "" if self.block_size is None else f":{self.block_size}"
         if self.bits is not None:
@@ -267,8 +364,49 @@ class CompressionSpec(pydantic.BaseModel):
         return self.canonical()
 
 
+class LayerRule(pydantic.BaseModel):
+    """One per-layer rule: tensors that `selector` matches use `pipeline`.
+
+    Attributes
+    ----------
+    selector : str
+        ``bias`` (1-d tensors whose name ends with ``bias``), ``vector``
+        (``ndim <= 1``), ``small:N`` (fewer than N elements) or a
+        case-sensitive ``fnmatch`` glob over the tensor name. Stored in
+        canonical form (``small:08`` becomes ``small:8``).
+    pipeline : CompressionSpec
+        A pipeline without rules. ``none`` sends the tensor exactly.
+    """
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    selector: str
+    pipeline: CompressionSpec
+
+    @pydantic.field_validator("selector")
+    @classmethod
+    def _canonical_selector(cls, selector: str) -> str:
+        return _canonical_selector(selector)
+
+    def matches(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Return whether this rule governs the tensor `name` of shape `shape`."""
+        kind, _, argument = self.selector.partition(":")
+        if kind == "bias" and not argument:
+            return len(shape) == 1 and name.endswith("bias")
+        if kind == "vector" and not argument:
+            return len(shape) <= 1
+        if kind == "small" and argument:
+            return math.prod(shape) < int(argument)
+        # fnmatchcase, not fnmatch: the latter folds case on Windows, and the
+        # rule must resolve the same way on every reader.
+        return fnmatch.fnmatchcase(name, self.selector)
+
+
+CompressionSpec.model_rebuild()
+
+
 def parse_compression_spec(text: str) -> CompressionSpec:
-    """Parse a pipeline spec such as ``"topk:0.01,q:8"``, ``"randk:0.1,qsgd:15"`` or ``"sign,zstd"``.
+    """Parse a spec such as ``"topk:0.01,q:8"``, ``"lowrank:2,q:8;bias=none"`` or ``"sign,zstd"``.
 
     Raises
     ------
@@ -282,7 +420,62 @@ def _parse_fields(text: str) -> dict[str, Any]:
     if not isinstance(text, str):
         raise ValueError(f"compression spec must be a string, got {type(text).__name__}")
 
-    tokens = [token.strip() for token in text.split(",")]
+    default, *rule_texts = text.split(RULE_SEPARATOR)
+    fields = _parse_pipeline(text, default)
+    if rule_texts:
+        fields["rules"] = [_parse_rule(text, position, rule) for position, rule in enumerate(rule_texts, 1)]
+    return fields
+
+
+def _parse_rule(text: str, position: int, rule_text: str) -> dict[str, Any]:
+    rule_text = rule_text.strip()
+    if not rule_text:
+        raise _rule_error(text, position, rule_text, "the rule is empty, so remove the stray ';'")
+
+    selector, equals, pipeline = rule_text.partition("=")
+    if not equals:
+        raise _rule_error(
+            text, position, rule_text, "a rule is SELECTOR=PIPELINE and this one has no '='"
+        )
+    try:
+        selector = _canonical_selector(selector.strip())
+    except ValueError as error:
+        raise _rule_error(text, position, rule_text, str(error)) from error
+    return {"selector": selector, "pipeline": _parse_pipeline(text, pipeline)}
+
+
+def _canonical_selector(selector: str) -> str:
+    """Return the canonical selector, or raise ValueError saying what is wrong with it."""
+    if not selector:
+        raise ValueError("the selector is empty; write bias, vector, small:N or a name glob")
+    if _WHITESPACE.search(selector) or RULE_SEPARATOR in selector or "=" in selector:
+        raise ValueError(f"selector {selector!r} contains whitespace, ';' or '='")
+
+    kind, colon, argument = selector.partition(":")
+    if kind in ("bias", "vector"):
+        if colon:
+            raise ValueError(f"selector class {kind!r} takes no argument; write {kind!r}")
+        return kind
+    if kind == "small":
+        if not _INTEGER.fullmatch(argument) or int(argument) < 1:
+            raise ValueError(
+                f"selector 'small:N' needs N, an integer >= 1 (the element count below which "
+                f"a tensor matches), got {argument!r}"
+            )
+        return f"small:{int(argument)}"
+    return selector
+
+
+def _rule_error(text: str, position: int, rule_text: str, problem: str) -> ValueError:
+    return ValueError(
+        f"invalid compression spec {text!r}, rule {position} {rule_text!r}: {problem}. "
+        f"Rules follow the default pipeline as ';SELECTOR=PIPELINE', where the selector is "
+        f"bias, vector, small:N or a tensor-name glob. Example of a valid spec: {RULES_EXAMPLE!r}"
+    )
+
+
+def _parse_pipeline(text: str, pipeline_text: str) -> dict[str, Any]:
+    tokens = [token.strip() for token in pipeline_text.split(",")]
     if tokens == [""]:
         raise _spec_error(text, "", "the spec is empty")
 
@@ -346,6 +539,13 @@ def _check_order(text: str, token: str, stage: str, seen: list[str]) -> None:
             "'ternary' codes the values a sparsifier kept and needs one before it, "
             "as in 'topk:0.01,ternary'; for a dense update write 'sign'",
         )
+    if stage in ("sign", "ternary") and "lowrank" in seen:
+        raise _spec_error(
+            text,
+            token,
+            f"{stage!r} cannot code low-rank factors: the factors' signs alone do not span "
+            f"the update; write one of {', '.join(LOWRANK_VALUE_CODERS)}, as in 'lowrank:2,q:8'",
+        )
     if stage == "sign" and seen:
         raise _spec_error(text, token, f"'sign' after {seen[0]!r} is sparse ternary compression; write 'ternary'")
 
@@ -371,6 +571,10 @@ def _parse_stage(text: str, token: str, stage: str, arguments: list[str]) -> dic
             )
         _check_argument_count(text, token, arguments, 1, 1, "randk:FRACTION")
         return {"randk_fraction": _parse_fraction(text, token, arguments[0])}
+
+    if stage == "lowrank":
+        _check_argument_count(text, token, arguments, 1, 1, "lowrank:RANK")
+        return {"lowrank_rank": _parse_integer(text, token, "rank", arguments[0], MIN_RANK, MAX_RANK)}
 
     if stage == "thresh":
         _check_argument_count(text, token, arguments, 1, 1, "thresh:TAU")
@@ -470,5 +674,6 @@ def _spec_error(text: str, token: str, problem: str) -> ValueError:
         f"Known stages: {', '.join(KNOWN_STAGES)}; at most one sparsifier "
         f"({', '.join(SPARSIFIERS)}), then one value coder, then zstd; q bits 1..8, "
         f"qsgd levels 1..127, fraction (0, 1], top-k scope tensor or model (default), "
-        f"block size >= 2, zstd level 1..19. Example of a valid spec: {VALID_EXAMPLE!r}"
+        f"lowrank rank 1..{MAX_RANK}, block size >= 2, zstd level 1..19. "
+        f"Example of a valid spec: {VALID_EXAMPLE!r}"
     )

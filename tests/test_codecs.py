@@ -607,7 +607,7 @@ def test_spec_parses_valid(text, fraction, scope, bits, block_size, canonical):
     [
         ("", ["empty"]),
         ("   ", ["empty"]),
-        ("zip:3", ["'zip:3'", "unknown stage 'zip'", "topk, randk, thresh, none, q, qsgd"]),
+        ("zip:3", ["'zip:3'", "unknown stage 'zip'", "topk, randk, thresh, lowrank, none, q, qsgd"]),
         ("q:9", ["'q:9'", "bits 9", "1..8"]),
         ("q:0", ["'q:0'", "bits 0", "1..8"]),
         ("q:four", ["'q:four'", "1..8"]),
@@ -1293,3 +1293,334 @@ def test_spec_model_rejects_impossible_combinations():
         CompressionSpec(randk_fraction=0.1, coder="sign")
     assert CompressionSpec(qsgd_levels=4, block_size=64).canonical() == "qsgd:4:64"
     assert CompressionSpec.model_validate("bf16,zstd:9") == CompressionSpec(coder="bf16", zstd_level=9)
+
+
+# --- per-layer rules ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical", "selectors"),
+    [
+        ("topk:0.01,q:8;bias=none", "topk:0.01,q:8;bias=none", ("bias",)),
+        (" topk:0.01 , q:8 ; bias = none ; *.norm* = q:8 ", "topk:0.01,q:8;bias=none;*.norm*=q:8", ("bias", "*.norm*")),
+        ("q:4;small:0100=none;vector=fp16", "q:4;small:100=none;vector=fp16", ("small:100", "vector")),
+        ("lowrank:2;conv?.weight=q:8,zstd:3", "lowrank:2;conv?.weight=q:8,zstd", ("conv?.weight",)),
+        ("none;[b]ias=q:8", "none;[b]ias=q:8", ("[b]ias",)),
+    ],
+)
+def test_rules_parse_and_canonical_round_trip(text, canonical, selectors):
+    spec = parse_compression_spec(text)
+
+    assert spec.canonical() == canonical
+    assert tuple(rule.selector for rule in spec.rules) == selectors
+    assert parse_compression_spec(canonical) == spec
+    assert CompressionSpec.model_validate(canonical) == spec
+    assert spec.default_pipeline.rules == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("q:8;", ["rule 1", "the rule is empty"]),
+        ("q:8;bias", ["rule 1 'bias'", "has no '='"]),
+        ("q:8;=none", ["the selector is empty"]),
+        ("q:8;bias:1=none", ["'bias' takes no argument"]),
+        ("q:8;small=none", ["'small:N' needs N"]),
+        ("q:8;small:0=none", ["'small:N' needs N", "got '0'"]),
+        ("q:8;small:x=none", ["'small:N' needs N"]),
+        ("q:8;a b=none", ["contains whitespace"]),
+        ("q:8;bias=q:9", ["bits 9 is outside"]),
+        ("q:8;bias=", ["the spec is empty"]),
+        ("q:8;bias=none;bias=q:4", ["rule 2 repeats selector 'bias' of rule 1"]),
+        ("q:8;small:010=none;small:10=q:4", ["rule 2 repeats selector 'small:10'"]),
+        ("q:8;x=none=q:4", ["unknown stage 'none=q'"]),
+    ],
+)
+def test_rules_reject_invalid(text, fragments):
+    with pytest.raises(ValueError) as raised:
+        parse_compression_spec(text)
+
+    message = str(raised.value)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_rules_model_validation():
+    inner = {"selector": "x", "pipeline": {"bits": 8}}
+    with pytest.raises(ValueError, match="has rules of its own"):
+        CompressionSpec(rules=[{"selector": "bias", "pipeline": {"bits": 8, "rules": [inner]}}])
+    with pytest.raises(ValueError, match="selector 'small:N' needs N"):
+        CompressionSpec(rules=[{"selector": "small:-1", "pipeline": {}}])
+    spec = CompressionSpec(bits=4, rules=[{"selector": "small:007", "pipeline": {}}])
+    assert spec.canonical() == "q:4;small:7=none"
+
+
+def test_rule_resolution_first_match_wins():
+    spec = parse_compression_spec("q:4;bias=none;vector=fp16;small:10=q:8;*.norm*=bf16")
+
+    assert spec.pipeline_for("fc.bias", (5,))[0] == 1
+    assert spec.pipeline_for("fc.bias", (3, 3))[0] == 3  # not 1-d, and 9 elements < 10
+    assert spec.pipeline_for("fc.bias", (5, 2))[0] == 0  # 10 elements is not fewer than 10
+    assert spec.pipeline_for("bn.weight", (64,))[0] == 2
+    assert spec.pipeline_for("scale", ())[0] == 2
+    assert spec.pipeline_for("w", (3, 3))[0] == 3
+    assert spec.pipeline_for("layer.norm.weight", (8, 8))[0] == 4
+    assert spec.pipeline_for("Layer.NORM.weight", (8, 8))[0] == 0  # globs are case-sensitive
+    assert spec.pipeline_for("conv.weight", (8, 8))[0] == 0
+    assert spec.pipeline_for("conv.weight", (8, 8))[1] == parse_compression_spec("q:4")
+
+
+def test_rules_send_bias_exactly_and_weights_compressed(rng):
+    update = {
+        "conv.weight": rng.standard_normal((16, 3, 5)).astype(np.float32),
+        "conv.bias": rng.standard_normal(16).astype(np.float32),
+        "bn.weight": rng.standard_normal(16).astype(np.float32),
+        "fc.weight": rng.standard_normal((6, 64)).astype(np.float32),
+        "fc.bias": rng.standard_normal(6).astype(np.float32),
+    }
+    spec = "topk:0.1,q:4;bias=none;bn.*=q:8"
+    decoded = round_trip(spec, update, seed=5)
+
+    np.testing.assert_array_equal(decoded["conv.bias"], update["conv.bias"])
+    np.testing.assert_array_equal(decoded["fc.bias"], update["fc.bias"])
+    step = quantization_step(update["bn.weight"], 8)
+    assert np.all(np.abs(decoded["bn.weight"] - update["bn.weight"]) <= step * 1.0001)
+    assert np.count_nonzero(decoded["bn.weight"]) == 16
+
+    # The weights share one model-scope top-k: 10 % of their 624 entries.
+    weights = ("conv.weight", "fc.weight")
+    kept = sum(np.count_nonzero(decoded[name]) for name in weights)
+    assert kept == math.ceil(0.1 * (240 + 384))
+
+    # The payload header carries the whole spec.
+    reader = PayloadReader(UpdateCodec(spec).encode(update, 5))
+    assert reader.read_header() == spec
+
+
+def test_model_topk_ranks_only_default_governed_tensors():
+    # The bias holds the largest entries; under a rule it must not take the
+    # weights' top-k budget, and the weights' k counts only their own entries.
+    update = {
+        "w": np.arange(1, 101, dtype=np.float32).reshape(10, 10),
+        "v": -np.arange(1, 11, dtype=np.float32),
+        "bias": np.full(50, 1000.0, dtype=np.float32),
+    }
+    decoded = round_trip("topk:0.1;bias=none", update)
+
+    np.testing.assert_array_equal(decoded["bias"], update["bias"])
+    kept_w = np.flatnonzero(decoded["w"])
+    kept_v = np.flatnonzero(decoded["v"])
+    assert kept_w.size + kept_v.size == 11  # ceil(0.1 * 110), not ceil(0.1 * 160)
+    np.testing.assert_array_equal(kept_w, np.arange(89, 100))
+    assert kept_v.size == 0
+
+    # Without the rule the bias wins the whole budget.
+    decoded = round_trip("topk:0.1", update)
+    assert np.count_nonzero(decoded["w"]) == 0
+    assert np.count_nonzero(decoded["bias"]) == 16
+
+
+def test_model_topk_inside_a_rule_ranks_that_rules_tensors(rng):
+    update = {
+        "a.weight": rng.standard_normal((20, 20)).astype(np.float32),
+        "b.weight": 100 * rng.standard_normal((20, 20)).astype(np.float32),
+        "a.bias": rng.standard_normal(20).astype(np.float32),
+        "b.bias": 100 * rng.standard_normal(20).astype(np.float32),
+    }
+    decoded = round_trip("q:8;bias=topk:0.25", update)
+
+    kept = {name: np.count_nonzero(decoded[name]) for name in ("a.bias", "b.bias")}
+    assert kept["a.bias"] + kept["b.bias"] == 10
+    assert kept["b.bias"] >= 9
+    assert np.count_nonzero(decoded["a.weight"]) == 400
+
+
+def test_rules_codec_properties_cover_every_pipeline():
+    assert UpdateCodec("q:8;bias=none").unbiased is True
+    assert UpdateCodec("q:8;bias=q:8:nearest").unbiased is False
+    assert UpdateCodec("none;w*=lowrank:2").error_feedback_advised is True
+    # stages lists the default pipeline only, as before rules existed.
+    assert [stage.name for stage in UpdateCodec("q:8;bias=none").stages] == ["q"]
+
+
+# --- low-rank ----------------------------------------------------------------------
+
+
+def low_rank_matrix(rng, shape, rank):
+    rows, columns = shape[0], math.prod(shape[1:])
+    matrix = rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, columns))
+    return matrix.reshape(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize(("shape", "rank"), [((64, 32, 5), 1), ((64, 64, 5), 2), ((40, 30), 4), ((6, 64), 2)])
+def test_lowrank_exact_for_rank_r_matrix(rng, shape, rank):
+    update = {"w": low_rank_matrix(rng, shape, rank)}
+    decoded = round_trip(f"lowrank:{rank}", update, seed=3)
+
+    scale = np.max(np.abs(update["w"]))
+    np.testing.assert_allclose(decoded["w"], update["w"], rtol=0, atol=1e-5 * scale)
+
+
+def test_lowrank_error_decreases_with_rank(rng):
+    update = {"w": rng.standard_normal((64, 160)).astype(np.float32)}
+    # A decaying spectrum, as weight updates have, so that rank matters.
+    update["w"] = (update["w"] * np.linspace(1, 0.01, 160)[None, :] ** 2).astype(np.float32)
+    errors = []
+    for rank in (1, 2, 4, 8, 16):
+        decoded = round_trip(f"lowrank:{rank}", update, seed=1)
+        errors.append(np.linalg.norm(decoded["w"] - update["w"]))
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+
+
+def test_lowrank_body_holds_p_and_q_as_float32(rng):
+    update = {"w": rng.standard_normal((32, 6, 5)).astype(np.float32)}
+    payload = UpdateCodec("lowrank:2").encode(update, 0)
+    (record,) = _records(payload, update)
+
+    assert len(record.body) == 4 * 2 * (32 + 30)
+    left = np.frombuffer(record.body, dtype="<f4", count=64).reshape(32, 2)
+    right = np.frombuffer(record.body, dtype="<f4", offset=256).reshape(30, 2)
+    np.testing.assert_allclose(left.T @ left, np.eye(2), atol=1e-5)  # P is orthonormal
+    decoded = decode_update(payload, shapes_of(update))["w"]
+    np.testing.assert_allclose(decoded.reshape(32, 30), left @ right.T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("bias", (16,)), ("scalar", ()), ("square", (4, 4)), ("thin", (3, 2)), ("empty", (0, 5)), ("rank", (5, 8))],
+)
+def test_lowrank_falls_back_to_dense_value_coder(rng, name, shape):
+    # Rank 2: (4, 4) gives 16 >= 16 values, (3, 2) 10 >= 6, (5, 8) 26 >= 40 is false.
+    update = {name: rng.standard_normal(shape).astype(np.float32)}
+    payload = UpdateCodec("lowrank:2").encode(update, 0)
+    (record,) = _records(payload, update)
+    numel = math.prod(shape)
+
+    if shape == (5, 8):
+        assert len(record.body) == 4 * 2 * (5 + 8)
+        return
+    assert len(record.body) == 4 * numel
+    np.testing.assert_array_equal(decode_update(payload, shapes_of(update))[name], update[name])
+
+
+def test_lowrank_with_value_coder_and_zstd(rng):
+    update = {
+        "w": low_rank_matrix(rng, (64, 64, 5), 2),
+        "b": rng.standard_normal(64).astype(np.float32),
+    }
+    decoded = round_trip("lowrank:2,q:8,zstd", update, seed=2)
+
+    scale = np.max(np.abs(update["w"]))
+    assert np.max(np.abs(decoded["w"] - update["w"])) < 0.05 * scale
+    step = quantization_step(update["b"], 8)
+    assert np.all(np.abs(decoded["b"] - update["b"]) <= step * 1.0001)
+
+
+def test_lowrank_deterministic_and_declared_biased(rng):
+    update = {"w": rng.standard_normal((20, 30)).astype(np.float32)}
+    codec = UpdateCodec("lowrank:3,fp16")
+
+    assert codec.encode(update, 4) == codec.encode(update, 4)
+    assert codec.encode(update, 4) != codec.encode(update, 5)
+    assert codec.unbiased is False
+    assert codec.error_feedback_advised is True
+    assert [stage.name for stage in codec.stages] == ["lowrank", "fp16"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("lowrank", ["lowrank:RANK"]),
+        ("lowrank:0", ["rank 0 is outside", "1..65535"]),
+        ("lowrank:2.5", ["rank '2.5' is not an integer"]),
+        ("lowrank:2,sign", ["'sign' cannot code low-rank factors"]),
+        ("lowrank:2,ternary", ["'ternary' cannot code low-rank factors"]),
+        ("topk:0.1,lowrank:2", ["at most one sparsifier"]),
+        ("q:8,lowrank:2", ["'lowrank' must come before 'q'"]),
+    ],
+)
+def test_lowrank_spec_rejects_invalid(text, fragments):
+    with pytest.raises(ValueError) as raised:
+        parse_compression_spec(text)
+    for fragment in fragments:
+        assert fragment in str(raised.value), str(raised.value)
+
+
+def test_lowrank_spec_parses():
+    spec = parse_compression_spec("lowrank:4, qsgd:15:64 ,zstd")
+    assert spec.canonical() == "lowrank:4,qsgd:15:64,zstd"
+    assert spec.stage_names == ("lowrank", "qsgd", "zstd")
+    with pytest.raises(ValueError, match="cannot code low-rank factors"):
+        CompressionSpec(lowrank_rank=2, coder="sign")
+
+
+# --- sampled top-k selection -------------------------------------------------------
+
+
+def exact_top_k(magnitudes, k):
+    order = np.lexsort((np.arange(magnitudes.size), -magnitudes))
+    return np.sort(order[:k])
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "student_t", "ties"])
+@pytest.mark.parametrize("k", [1, 37, 2_000, 300_000])
+def test_sampled_selection_equals_exact_top_k(distribution, k):
+    from pocketfl.compression.stages import SAMPLED_SELECTION_MIN, _largest_magnitudes, _rank_all
+
+    rng = np.random.default_rng(k)
+    size = SAMPLED_SELECTION_MIN + 12_345
+    if distribution == "gaussian":
+        values = rng.standard_normal(size)
+    elif distribution == "student_t":
+        values = rng.standard_t(1.5, size)
+    else:
+        values = rng.integers(0, 50, size)  # heavy ties at every threshold
+    magnitudes = np.abs(values).astype(np.float32)
+
+    kept = _largest_magnitudes(magnitudes, k, seed=9)
+
+    assert kept.size == k
+    np.testing.assert_array_equal(kept, _rank_all(magnitudes, k))
+    if k <= 2_000:
+        np.testing.assert_array_equal(kept, exact_top_k(magnitudes, k))
+
+
+def test_sampled_selection_falls_back_when_sample_misses(monkeypatch):
+    from pocketfl.compression import stages
+
+    # A negative margin puts the sampled threshold above the k-th magnitude
+    # (a miss the 6-sigma margin makes rare); the full partition must then run.
+    rng = np.random.default_rng(1)
+    magnitudes = rng.permutation(stages.SAMPLED_SELECTION_MIN).astype(np.float32)
+    k = 1_000
+    monkeypatch.setattr(stages, "_SAMPLE_MARGIN_SIGMAS", -30.0)
+    assert stages._sampled_candidates(magnitudes, k, seed=0) is None
+
+    kept = stages._largest_magnitudes(magnitudes, k, seed=0)
+    np.testing.assert_array_equal(kept, exact_top_k(magnitudes, k))
+
+
+def test_sampled_selection_candidates_bound_and_miss_returns_none():
+    from pocketfl.compression.stages import SAMPLED_SELECTION_MIN, _sampled_candidates
+
+    rng = np.random.default_rng(0)
+    magnitudes = np.abs(rng.standard_normal(SAMPLED_SELECTION_MIN)).astype(np.float32)
+    k = 10_000
+    candidates = _sampled_candidates(magnitudes, k, seed=1)
+    # At least k, and not many more: the 6-sigma margin on 65536 samples.
+    assert k <= candidates.size <= 1.5 * k
+    assert np.all(np.diff(candidates) > 0)
+    # k close to the size leaves no room for a margin.
+    assert _sampled_candidates(magnitudes, magnitudes.size - 1, seed=1) is None
+
+
+def test_large_tensor_topk_payload_same_as_full_partition(rng, monkeypatch):
+    from pocketfl.compression import stages
+
+    update = {"w": rng.standard_normal(stages.SAMPLED_SELECTION_MIN + 7).astype(np.float32), "b": np.ones(3, np.float32)}
+    for spec in ("topk:0.001,q:8", "topk:0.01:tensor"):
+        sampled = UpdateCodec(spec).encode(update, 3)
+        monkeypatch.setattr(stages, "SAMPLED_SELECTION_MIN", 1 << 40)
+        exact = UpdateCodec(spec).encode(update, 3)
+        monkeypatch.undo()
+        assert sampled == exact

@@ -592,6 +592,25 @@ def worst_case_payloads():
         "zstd declares the limit plus one": ("topk:1,zstd", zstd_frame(bytes(9 + n // 8 + 4 * n + 1))),
         "dense q:8:2": ("q:8:2", q_tail(8, n, 2)),
         "dense float32": ("none", float32_body(np.zeros(n))),
+        # The model here is 1-d, so low-rank falls back to the dense value coder.
+        "lowrank fallback, q:8:2": ("lowrank:4,q:8:2", q_tail(8, n, 2)),
+        "rule none for w, topk default": ("topk:0.01;w=none", float32_body(np.zeros(n))),
+        "rule bitmap k = numel, q:1": ("none;w=topk:1,q:1", topk_body(n, 1, full_bitmap, q_tail(1, n))),
+    }
+
+
+# A 1000 x 1000 matrix: low-rank factors decode into one product of the model's size.
+MATRIX_SHAPES = {"w": (1000, 1000)}
+
+
+def lowrank_worst_cases():
+    n = 1000
+    rank = 499  # the largest rank that still factors: 499 * 2000 < 1e6
+    return {
+        "lowrank:499 float32": ("lowrank:499", float32_body(np.ones(2 * n * rank) * 1e-3)),
+        "lowrank:499 q:8:2": ("lowrank:499,q:8:2", q_tail(8, n * rank, 2) + q_tail(8, n * rank, 2)),
+        "lowrank:499 zstd": ("lowrank:499,zstd", zstd_frame(bytes(8 * n * rank))),
+        "lowrank:499 overflowing product": ("lowrank:499", float32_body(np.full(2 * n * rank, 1e30))),
     }
 
 
@@ -607,6 +626,24 @@ def test_decode_peak_memory_bounded_by_model_size(case):
     try:
         try:
             decode_update(payload, MEMORY_SHAPES)
+        except DecodeError:
+            pass
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak <= 4 * MEMORY_MODEL_BYTES, f"{case}: peak {peak / MEMORY_MODEL_BYTES:.2f}x the model size"
+
+
+@pytest.mark.parametrize("case", list(lowrank_worst_cases()))
+def test_decode_peak_memory_bounded_for_lowrank(case):
+    spec, body = lowrank_worst_cases()[case]
+    payload = frame(spec, [("w", (1000, 1000), 1, body)])
+
+    tracemalloc.start()
+    try:
+        try:
+            decode_update(payload, MATRIX_SHAPES)
         except DecodeError:
             pass
         _, peak = tracemalloc.get_traced_memory()
@@ -689,4 +726,115 @@ def test_fuzzed_payload_only_raises_decode_error(which, flips, cut, insert, fix_
     for name, shape in FUZZ_SHAPES.items():
         assert decoded[name].shape == shape
         assert decoded[name].dtype == np.float32
+        assert np.isfinite(decoded[name]).all()
+
+
+# --- per-layer rules and low-rank bodies -------------------------------------------
+
+
+LOWRANK_SHAPES = {"w": (4, 3, 2), "b": (4,)}
+
+
+def lowrank_payload(w_body, b_body=None, spec="lowrank:1;bias=none"):
+    b_body = float32_body([1.0, 2.0, 3.0, 4.0]) if b_body is None else b_body
+    return frame(spec, [("w", (4, 3, 2), 1, w_body), ("b", (4,), 1, b_body)])
+
+
+def test_lowrank_independent_writer_decodes_p_times_q():
+    # P (4 x 1) then Q (6 x 1); the body is 4 * (4 + 6) bytes.
+    left = np.array([0.5, -0.5, 0.5, -0.5])
+    right = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    payload = lowrank_payload(float32_body(np.concatenate([left, right])))
+
+    decoded = decode_update(payload, LOWRANK_SHAPES)
+
+    np.testing.assert_array_equal(decoded["w"], np.outer(left, right).reshape(4, 3, 2).astype(np.float32))
+    # "b" is 1-d, so low-rank sends it dense (no rule needed for that).
+    np.testing.assert_array_equal(decoded["b"], [1.0, 2.0, 3.0, 4.0])
+
+
+GOOD_FACTORS = float32_body(np.ones(10))
+
+
+@pytest.mark.parametrize(
+    ("w_body", "spec", "message"),
+    [
+        (GOOD_FACTORS[:-1], "lowrank:1", "low-rank body for P \\(4 x 1\\) and Q \\(6 x 1\\) is 39 bytes, expected exactly 40"),
+        (GOOD_FACTORS + b"\x00" * 4, "lowrank:1", "is 44 bytes, expected exactly 40"),
+        (float32_body([np.nan] + [1.0] * 9), "lowrank:1", "low-rank P\\): value nan"),
+        (float32_body([1.0] * 9 + [np.inf]), "lowrank:1", "low-rank Q\\): value inf"),
+        (float32_body([1e30] * 10), "lowrank:1", "P @ Q.T is not finite"),
+        (float32_body(np.ones(24)), "lowrank:1", "is 96 bytes, expected exactly 40"),
+        (float32_body(np.ones(24)), "lowrank:2", "P \\(4 x 2\\) and Q \\(6 x 2\\) is 96 bytes, expected exactly 80"),
+        # Rank 3 gives 3 * (4 + 6) >= 24 values, so the reader expects the dense body.
+        (GOOD_FACTORS, "lowrank:3", "float32 body for 24 values is 40 bytes, expected exactly 96"),
+        (q_body([(0.0, -1.0)], bytes(4)) + q_body([(0.0, 1.0)], bytes(6)), "lowrank:1,q:8", "scale -1.0"),
+        (zstd_frame(GOOD_FACTORS + b"\x00"), "lowrank:1,zstd", "more than the 40-byte largest valid body"),
+    ],
+)
+def test_lowrank_malformed_bodies_raise_decode_error(w_body, spec, message):
+    payload = lowrank_payload(w_body, spec=spec)
+    with pytest.raises(DecodeError, match=message):
+        decode_update(payload, LOWRANK_SHAPES)
+
+
+def test_lowrank_valid_fixture_decodes():
+    payload = lowrank_payload(GOOD_FACTORS, spec="lowrank:1")
+    assert decode_update(payload, LOWRANK_SHAPES)["w"].shape == (4, 3, 2)
+
+
+def test_rules_resolve_from_expected_shape_not_a_tag():
+    # The same record bytes decode under the rule only when the name matches.
+    spec = "q:8;b=none"
+    good = frame(spec, [("w", (2,), 1, q_body([(0.0, 1.0)], b"\x01\x02")), ("b", (2,), 1, float32_body([7.0, 8.0]))])
+    np.testing.assert_array_equal(decode_update(good, {"w": (2,), "b": (2,)})["b"], [7.0, 8.0])
+
+    swapped = frame(spec, [("w", (2,), 1, float32_body([7.0, 8.0])), ("b", (2,), 1, q_body([(0.0, 1.0)], b"\x01\x02"))])
+    with pytest.raises(DecodeError, match="tensor 'w'"):
+        decode_update(swapped, {"w": (2,), "b": (2,)})
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["q:8;bias=none;bias=q:4", "q:8;", "q:8;x", "q:8;b=lowrank:2,sign", "q:8;small:0=none"],
+)
+def test_invalid_rule_spec_in_header_raises_decode_error(spec):
+    payload = frame(spec, [("w", (2,), 1, q_body([(0.0, 1.0)], b"\x01\x02"))])
+    with pytest.raises(DecodeError, match="pipeline spec in the payload header is invalid"):
+        decode_update(payload, {"w": (2,)})
+
+
+RULE_FUZZ_SHAPES = {"conv.weight": (8, 3, 5), "conv.bias": (8,), "fc.weight": (4, 24), "scale": ()}
+
+
+def rule_fuzz_payloads():
+    rng = np.random.default_rng(11)
+    update = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in RULE_FUZZ_SHAPES.items()}
+    specs = ["lowrank:1", "lowrank:2,q:4:8", "topk:0.2,q:4;bias=none;fc.*=lowrank:1,fp16", "lowrank:1,zstd;small:2=q:8"]
+    return [UpdateCodec(spec).encode(update, 3) for spec in specs]
+
+
+RULE_FUZZ_PAYLOADS = rule_fuzz_payloads()
+
+
+@settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    which=st.integers(0, len(RULE_FUZZ_PAYLOADS) - 1),
+    flips=st.lists(st.tuples(st.integers(0, 2_000), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 2_000)),
+)
+def test_fuzzed_lowrank_and_rule_payloads_only_raise_decode_error(which, flips, cut):
+    payload = bytearray(RULE_FUZZ_PAYLOADS[which])
+    for position, value in flips:
+        payload[position % len(payload)] = value
+    if cut is not None:
+        payload = payload[: cut % (len(payload) + 1)]
+    payload = refresh_crc(bytes(payload)) if len(payload) >= 4 else bytes(payload)
+
+    try:
+        decoded = decode_update(payload, RULE_FUZZ_SHAPES)
+    except DecodeError:
+        return
+    for name, shape in RULE_FUZZ_SHAPES.items():
+        assert decoded[name].shape == shape
         assert np.isfinite(decoded[name]).all()
