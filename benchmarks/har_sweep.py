@@ -1,7 +1,8 @@
 """Final HAR accuracy against uplink bits per parameter, for several pipelines.
 
 Each pipeline runs as `pocketfl simulate` with the main job's settings and one
-seed, with and without error feedback. The script writes `sweep.json` with one
+seed, with and without error feedback, and with a float32 downlink so that
+only the uplink differs between runs. The script writes `sweep.json` with one
 row per run and `sweep.png` with accuracy against bits per parameter (log
 scale) into the output folder. Runs whose report already exists are reused, so
 an interrupted sweep continues where it stopped.
@@ -11,6 +12,7 @@ an interrupted sweep continues where it stopped.
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -34,6 +36,8 @@ PIPELINES = (
     "topk:0.01,q:8",
     "topk:0.01,q:4",
     "topk:0.01,ternary",
+    "topk:0.01,q:8;vector=none",
+    "lowrank:1,q:8",
     "topk:0.003,q:8",
     "topk:0.001,q:8",
 )
@@ -68,6 +72,9 @@ def _run(args: argparse.Namespace, pipeline: str, error_feedback: bool) -> dict:
         {
             "run_name": name,
             "compression": pipeline,
+            # The sweep measures the uplink, so every run gets the same exact
+            # float32 downlink.
+            "downlink_compression": "none",
             "error_feedback": error_feedback,
             "seed": args.seed,
             "num_server_rounds": args.rounds,
@@ -135,7 +142,8 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _slug(pipeline: str) -> str:
-    return pipeline.replace(":", "").replace(",", "-")
+    # Run names allow letters, digits, '.', '_' and '-' only.
+    return re.sub(r"[^A-Za-z0-9.]+", "-", pipeline.replace(":", ""))
 
 
 if __name__ == "__main__":

@@ -4,20 +4,25 @@ import logging
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pocketfl.compression import UpdateCodec, encode_with_error_feedback
+from pocketfl.compression import DecodeError, UpdateCodec, encode_with_error_feedback
 from pocketfl.tasks.har.federation import ClientArrays, load_federation
 from pocketfl.tasks.har.model import build_model
 from pocketfl.tasks.har.training import evaluate as evaluate_model
 from pocketfl.tasks.har.training import train as train_model
 
+from .downlink import receive_model
 from .instructions import RoundInstructions
 
 logger = logging.getLogger(__name__)
 
 RESIDUAL_KEY = "residual"
+
+# Error code of a reply whose downlink did not decode. Flower's own codes end
+# at 8; the server treats any error reply the same way.
+DOWNLINK_DECODE_ERROR = 100
 
 # A phone trains on one core; in simulation, each Ray worker gets one CPU.
 TORCH_THREADS = 1
@@ -29,16 +34,21 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train on local data and reply with the encoded update `local - global`.
 
-    With error feedback on, the residual (what the encoding dropped) lives in
-    `context.state`, which Flower keeps for this node across rounds.
+    "global" is the model this client rebuilt from the downlink, the one it
+    trained from. With error feedback on, the residual (what the encoding
+    dropped) lives in `context.state`, which Flower keeps for this node across
+    rounds. A downlink that does not decode gets an error reply.
     """
     torch.set_num_threads(TORCH_THREADS)
     instructions = RoundInstructions.from_config_record(msg.content["config"])
+    model = build_model()
+    try:
+        _load_downlink(model, msg, context)
+    except DecodeError as error:
+        return _downlink_error(msg, error)
+
     data = _client_arrays(context, instructions)
     partition_id = int(context.node_config["partition-id"])
-
-    model = build_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     global_state = {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()}
 
     seed = _round_seed(instructions, partition_id)
@@ -71,17 +81,31 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this client's local evaluation split."""
+    """Evaluate the model rebuilt from the downlink on this client's local evaluation split."""
     torch.set_num_threads(TORCH_THREADS)
     instructions = RoundInstructions.from_config_record(msg.content["config"])
-    data = _client_arrays(context, instructions)
-
     model = build_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    try:
+        _load_downlink(model, msg, context)
+    except DecodeError as error:
+        return _downlink_error(msg, error)
+
+    data = _client_arrays(context, instructions)
     loss, accuracy = evaluate_model(model, data.x_eval, data.y_eval)
 
     metrics = MetricRecord({"num-examples": len(data.y_eval), "loss": loss, "accuracy": accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _load_downlink(model: torch.nn.Module, msg: Message, context: Context) -> None:
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    received = receive_model(msg.content, context, shapes)
+    model.load_state_dict({name: torch.from_numpy(values.copy()) for name, values in received.items()})
+
+
+def _downlink_error(msg: Message, error: DecodeError) -> Message:
+    logger.warning("downlink did not decode: %s", error)
+    return Message(Error(code=DOWNLINK_DECODE_ERROR, reason=f"downlink did not decode: {error}"), reply_to=msg)
 
 
 def _client_arrays(context: Context, instructions: RoundInstructions) -> ClientArrays:

@@ -48,6 +48,13 @@ class RunConfig(BaseModel):
         "topk:0.01,q:8",
         description="Uplink codec pipeline, for example 'topk:0.01,q:8' or 'none'.",
     )
+    downlink_compression: str = Field(
+        "q:8",
+        description=(
+            "Downlink codec pipeline for the global model, for example 'q:8'; "
+            "'none' sends the float32 model."
+        ),
+    )
     error_feedback: bool = Field(
         True, description="Keep what the encoding drops and add it to the next update."
     )
@@ -79,7 +86,7 @@ class RunConfig(BaseModel):
         # TOML has no null, so Flower's run config writes "no folder" as "".
         return None if value == "" else value
 
-    @field_validator("compression")
+    @field_validator("compression", "downlink_compression")
     @classmethod
     def _check_compression(cls, value: str) -> str:
         return str(parse_compression_spec(value))

@@ -50,6 +50,8 @@ def run_federation(
         # `flwr run` may start fewer SuperNodes than there are people, so only an
         # explicit --clients waits for that many nodes.
         min_available_nodes=config.num_clients or 1,
+        downlink=config.downlink_compression,
+        seed=config.seed,
     )
     round_started = time.perf_counter()
     initial_accuracy = 0.0
@@ -68,11 +70,12 @@ def run_federation(
         report.rounds.append(record)
         write_report(report, config.run_dir)
         logger.info(
-            "round %d: accuracy %.4f, uplink %d bytes (%.1fx below float32)",
+            "round %d: accuracy %.4f, uplink %d bytes (%.1fx below float32), downlink payloads %d bytes",
             server_round,
             accuracy,
             record.uplink_bytes,
             record.compression_ratio or 0.0,
+            record.downlink_payload_bytes,
         )
         if on_round is not None:
             on_round(record)
@@ -136,6 +139,8 @@ def _round_record(
         uplink_message_bytes=traffic.uplink_message_bytes,
         uplink_float32_bytes=traffic.uplink_float32_bytes,
         downlink_bytes=traffic.downlink_bytes,
+        downlink_payload_bytes=traffic.downlink_payload_bytes,
+        downlink_float32_bytes=traffic.downlink_float32_bytes,
         compression_ratio=ratio,
         mean_train_seconds=float(np.mean(traffic.train_seconds)) if traffic.train_seconds else 0.0,
         wall_seconds=time.perf_counter() - round_started,
@@ -154,6 +159,8 @@ def _attach_client_accuracy(report: Report, client_metrics: dict[int, MetricReco
 def _summary(report: Report, initial_accuracy: float, wall_seconds: float) -> Summary:
     uplink = sum(record.uplink_bytes for record in report.rounds)
     uplink_float32 = sum(record.uplink_float32_bytes for record in report.rounds)
+    downlink_payload = sum(record.downlink_payload_bytes for record in report.rounds)
+    downlink_float32 = sum(record.downlink_float32_bytes for record in report.rounds)
     accuracies = [record.accuracy for record in report.rounds]
     return Summary(
         final_accuracy=accuracies[-1] if accuracies else initial_accuracy,
@@ -163,6 +170,9 @@ def _summary(report: Report, initial_accuracy: float, wall_seconds: float) -> Su
         total_uplink_bytes=uplink,
         total_uplink_float32_bytes=uplink_float32,
         total_downlink_bytes=sum(record.downlink_bytes for record in report.rounds),
+        downlink_compression_ratio=downlink_float32 / downlink_payload if downlink_payload else None,
+        total_downlink_payload_bytes=downlink_payload,
+        total_downlink_float32_bytes=downlink_float32,
         completed_rounds=len(report.rounds),
         wall_seconds=wall_seconds,
     )

@@ -32,6 +32,17 @@ class RoundRecord(BaseModel):
     downlink_bytes: int = Field(
         ge=0, description="Sum of the train message sizes as Flower serializes them, in bytes."
     )
+    downlink_payload_bytes: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Sum of the model payload lengths in the train messages, in bytes; "
+            "4 bytes per parameter per client with downlink 'none'."
+        ),
+    )
+    downlink_float32_bytes: int = Field(
+        0, ge=0, description="What the same train messages' models take as raw float32, in bytes."
+    )
     compression_ratio: float | None = Field(
         description="uplink_float32_bytes / uplink_bytes; null when nothing was received."
     )
@@ -54,6 +65,11 @@ class Summary(BaseModel):
     total_uplink_bytes: int
     total_uplink_float32_bytes: int
     total_downlink_bytes: int
+    downlink_compression_ratio: float | None = Field(
+        None, description="Total downlink float32 bytes over total downlink payload bytes."
+    )
+    total_downlink_payload_bytes: int = 0
+    total_downlink_float32_bytes: int = 0
     completed_rounds: int
     wall_seconds: float
 

@@ -24,6 +24,7 @@ OPTION_NAMES.update(
         "num_server_rounds": "--rounds",
         "num_clients": "--clients",
         "run_name": "--name",
+        "downlink_compression": "--downlink",
     }
 )
 
@@ -42,6 +43,9 @@ def simulate(
     compression: Annotated[
         str, typer.Option(help="Uplink codec pipeline: 'topk:0.01,q:8', 'q:4', 'none', ...")
     ] = "topk:0.01,q:8",
+    downlink: Annotated[
+        str, typer.Option(help="Downlink codec pipeline for the global model: 'q:8', 'none', ...")
+    ] = "q:8",
     error_feedback: Annotated[
         bool, typer.Option(help="Add what the encoding dropped to the next update.")
     ] = True,
@@ -69,6 +73,7 @@ def simulate(
                 "num_server_rounds": rounds,
                 "num_clients": clients,
                 "compression": compression,
+                "downlink_compression": downlink,
                 "error_feedback": error_feedback,
                 "local_epochs": local_epochs,
                 "learning_rate": learning_rate,
@@ -95,7 +100,8 @@ def simulate(
 
     console.print(
         f"pocketfl: {config.resolved_num_clients} clients, {config.num_server_rounds} rounds, "
-        f"compression '{config.compression}', error feedback {'on' if config.error_feedback else 'off'}",
+        f"compression '{config.compression}', error feedback {'on' if config.error_feedback else 'off'}, "
+        f"downlink '{config.downlink_compression}'",
         highlight=False,
     )
     if replacing:
@@ -140,20 +146,24 @@ def _configure_logging(verbose: bool) -> None:
 
 def _print_summary(report: Report) -> None:
     # Byte columns are in kB (1000 bytes) and the box is light so that the
-    # table fits 80 columns. The report contains exact byte counts.
+    # table fits 80 columns. The float32 sizes are left to the report, which
+    # contains exact byte counts; "ratio" is the uplink's.
     table = Table(title=f"run {report.run_name}", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("round", "accuracy", "loss", "clients", "up kB", "float32 kB", "ratio", "down kB"):
+    for column in ("round", "accuracy", "loss", "clients", "up kB", "ratio", "down kB", "down ratio"):
         table.add_column(column, justify="right", no_wrap=True)
     for record in report.rounds:
+        downlink_ratio = None
+        if record.downlink_payload_bytes:
+            downlink_ratio = record.downlink_float32_bytes / record.downlink_payload_bytes
         table.add_row(
             str(record.round),
             f"{record.accuracy:.4f}",
             f"{record.loss:.4f}",
             f"{record.clients}/{record.sampled_clients}",
             f"{record.uplink_bytes / 1000:,.1f}",
-            f"{record.uplink_float32_bytes / 1000:,.1f}",
             _ratio_text(record.compression_ratio),
             f"{record.downlink_bytes / 1000:,.1f}",
+            _ratio_text(downlink_ratio),
         )
     console.print(table)
 
@@ -163,7 +173,9 @@ def _print_summary(report: Report) -> None:
             f"final accuracy on held-out people {summary.final_accuracy:.4f} "
             f"(best {summary.best_accuracy:.4f}, {summary.wall_seconds:.0f} s)\n"
             f"uplink {summary.total_uplink_bytes:,} bytes, float32 size / uplink size = "
-            f"{_ratio_text(summary.uplink_compression_ratio)}",
+            f"{_ratio_text(summary.uplink_compression_ratio)}\n"
+            f"downlink {summary.total_downlink_bytes:,} bytes, float32 size / downlink payload size = "
+            f"{_ratio_text(summary.downlink_compression_ratio)}",
             highlight=False,
         )
 

@@ -5,13 +5,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from pocketfl.compression import DecodeError, decode_update, payload_float32_bytes
 
+from .downlink import (
+    BASE_VERSION_KEY,
+    DEFAULT_MAX_VERSIONS,
+    DOWNLINK_KEY,
+    FULL_KEY,
+    NO_VERSION,
+    VERSION_KEY,
+    DownlinkEncoder,
+)
 from .replies import EVALUATE_METRICS, TRAIN_METRICS, WeightedMetrics, read_metrics
 from .streaming import StreamingMean
 
@@ -29,6 +38,8 @@ class RoundTraffic:
     clients: int = 0
     failed_clients: int = 0
     downlink_bytes: int = 0
+    downlink_payload_bytes: int = 0
+    downlink_float32_bytes: int = 0
     uplink_bytes: int = 0
     uplink_message_bytes: int = 0
     uplink_float32_bytes: int = 0
@@ -45,30 +56,78 @@ class CompressedFedAvg(FedAvg):
     decode costs that reply only: it is logged with its node id and left out of
     the average.
 
-    Parameters are those of `flwr.serverapp.strategy.FedAvg`. Train replies must
+    With a downlink pipeline other than "none", train and evaluate messages
+    carry no ArrayRecord but a ConfigRecord "downlink": the payload, its base
+    version and the new version (see `DownlinkEncoder`). Clients train from
+    their reconstruction and send `local - reconstruction`, and the strategy
+    adds the mean of those deltas to the exact global model, not to a
+    reconstruction: the global model then never takes on downlink
+    quantization noise, and what a reconstruction misses goes out with the
+    next delta. The central evaluation and the final model are the exact
+    global model.
+
+    Parameters
+    ----------
+    downlink : str, default "none"
+        Downlink pipeline spec. "none" sends the float32 ArrayRecord, as
+        `FedAvg` does.
+    seed : int, default 0
+        Run seed, for the downlink's stochastic rounding.
+    max_downlink_versions : int, default 3
+        Reconstructions the server keeps, one float32 model copy each.
+    **kwargs
+        Those of `flwr.serverapp.strategy.FedAvg`.
+
+    Train replies must
     carry a ConfigRecord "update" with the bytes entry "payload" and a
     MetricRecord "metrics" with "num-examples" and the keys of `TRAIN_METRICS`.
     Evaluate replies carry "num-examples" and the keys of `EVALUATE_METRICS`.
     The round's metrics are weighted means of those keys only.
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(
+        self,
+        downlink: str = "none",
+        seed: int = 0,
+        max_downlink_versions: int = DEFAULT_MAX_VERSIONS,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.traffic: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] = {}
 
+        self.downlink: DownlinkEncoder | None = None
+        if downlink != "none":
+            self.downlink = DownlinkEncoder(downlink, seed, max_downlink_versions)
+        # Version of each node's model as last confirmed by a reply, and the
+        # version sent in the broadcast whose replies are still pending.
+        self._held_versions: dict[int, int] = {}
+        self._sent_versions: dict[int, int] = {}
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients as FedAvg does and record the downlink bytes of the messages."""
+        """Sample clients as FedAvg does, encode the downlink and record its bytes."""
         self._global = {name: array.numpy() for name, array in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages, payload_bytes = self._encode_downlink(messages)
 
         traffic = RoundTraffic(sampled_clients=len(messages))
         traffic.downlink_bytes = sum(
             recorddict_to_proto(message.content).ByteSize() for message in messages
         )
+        traffic.downlink_payload_bytes = payload_bytes
+        traffic.downlink_float32_bytes = len(messages) * payload_float32_bytes(self._shapes())
         self.traffic[server_round] = traffic
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample clients as FedAvg does and encode the downlink as for training."""
+        self._global = {name: array.numpy() for name, array in arrays.items()}
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages, _ = self._encode_downlink(messages)
         return messages
 
     def aggregate_train(
@@ -80,6 +139,7 @@ class CompressedFedAvg(FedAvg):
         running_mean = StreamingMean(expected_shapes)
         train_metrics = WeightedMetrics()
 
+        answered = set()
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if reply.has_error():
@@ -88,6 +148,8 @@ class CompressedFedAvg(FedAvg):
                     "round %d: node %d failed to train: %s", server_round, node_id, reply.error.reason
                 )
                 continue
+            # Any reply without an error means the node rebuilt its downlink model.
+            answered.add(node_id)
 
             try:
                 delta, weight, metrics = self._decode_reply(reply, expected_shapes)
@@ -105,6 +167,7 @@ class CompressedFedAvg(FedAvg):
             traffic.uplink_float32_bytes += payload_float32_bytes(expected_shapes)
             traffic.train_seconds.append(metrics["train-seconds"])
 
+        self._settle_versions(answered)
         logger.info(
             "round %d: aggregated %d of %d replies (%d dropped)",
             server_round,
@@ -115,6 +178,8 @@ class CompressedFedAvg(FedAvg):
         if running_mean.count == 0:
             return None, None
 
+        # Clients sent `local - reconstruction`. The mean goes onto the exact
+        # global model (see the class docstring), as in plain FedAvg.
         mean_delta = running_mean.mean()
         new_global = {name: self._global[name] + mean_delta[name] for name in self._global}
         arrays = ArrayRecord({name: Array(values) for name, values in new_global.items()})
@@ -123,6 +188,7 @@ class CompressedFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Average the clients' local evaluation metrics, leaving out invalid replies."""
         evaluate_metrics = WeightedMetrics()
+        answered = set()
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if reply.has_error():
@@ -130,6 +196,7 @@ class CompressedFedAvg(FedAvg):
                     "round %d: node %d failed to evaluate: %s", server_round, node_id, reply.error.reason
                 )
                 continue
+            answered.add(node_id)
 
             try:
                 weight, metrics = read_metrics(reply.content, EVALUATE_METRICS)
@@ -140,7 +207,62 @@ class CompressedFedAvg(FedAvg):
                 continue
             evaluate_metrics.add(metrics, weight)
 
+        self._settle_versions(answered)
         return evaluate_metrics.mean()
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: array.shape for name, array in self._global.items()}
+
+    def _encode_downlink(self, messages: list[Message]) -> tuple[list[Message], int]:
+        """Replace the float32 model in each message by its downlink payload.
+
+        Returns the messages and the sum of their payload lengths. With the
+        downlink "none" the messages are left as FedAvg built them, and the
+        payload is the float32 model, 4 bytes per parameter.
+        """
+        if self.downlink is None:
+            return messages, len(messages) * payload_float32_bytes(self._shapes())
+
+        nodes = [message.metadata.dst_node_id for message in messages]
+        bases = {node: self._held_versions.get(node, NO_VERSION) for node in nodes}
+        encoded = self.downlink.encode(self._global, set(bases.values()))
+
+        compressed = []
+        payload_bytes = 0
+        self._sent_versions = {}
+        for message, node in zip(messages, nodes):
+            model = encoded[bases[node]]
+            downlink = ConfigRecord(
+                {
+                    PAYLOAD_KEY: model.payload,
+                    BASE_VERSION_KEY: model.base_version,
+                    VERSION_KEY: model.version,
+                    FULL_KEY: model.full,
+                }
+            )
+            config = message.content.config_records[self.configrecord_key]
+            content = RecordDict({self.configrecord_key: config, DOWNLINK_KEY: downlink})
+            compressed.append(
+                Message(content=content, message_type=message.metadata.message_type, dst_node_id=node)
+            )
+            payload_bytes += len(model.payload)
+            self._sent_versions[node] = model.version
+        return compressed, payload_bytes
+
+    def _settle_versions(self, answered: set[int]) -> None:
+        """Record the version of each node that replied; forget the others.
+
+        A node that replied without an error has rebuilt the version it was
+        sent. A node that failed or sent no reply may have either version, so
+        it gets a full encoding next time, because a delta against the wrong
+        base would rebuild a wrong model.
+        """
+        for node, version in self._sent_versions.items():
+            if node in answered:
+                self._held_versions[node] = version
+            else:
+                self._held_versions.pop(node, None)
+        self._sent_versions = {}
 
     def _decode_reply(
         self, reply: Message, expected_shapes: dict[str, tuple[int, ...]]

@@ -44,7 +44,9 @@ def test_two_rounds_write_report_and_model(tmp_path):
         assert record.uplink_float32_bytes == 3 * 4 * report.num_parameters
         assert 0 < record.uplink_bytes < record.uplink_message_bytes
         assert record.compression_ratio > 50
-        assert record.downlink_bytes > 3 * 4 * report.num_parameters
+        # The default downlink is 8-bit: about a quarter of the float32 model.
+        assert record.downlink_float32_bytes == 3 * 4 * report.num_parameters
+        assert 0 < record.downlink_payload_bytes < record.downlink_bytes < record.downlink_float32_bytes
         assert record.client_accuracy is not None
     assert report.summary.completed_rounds == 2
     assert report.summary.final_accuracy == report.rounds[-1].accuracy
