@@ -101,6 +101,8 @@ CANDIDATE_SEED_PIPELINES = (
     "q:8,zstd",
     "topk:0.1,q:4,zstd",
     "topk:0.1,fp16",
+    "topk:0.1,q:8;bias=none",
+    "lowrank:2,q:8;vector=fp16;features.0.*=q:4:16",
 )
 SEED = 20240601
 

@@ -39,7 +39,20 @@ PIPELINES = (
     "topk:0.05,q:4",
     "topk:0.3,q:2:4",
     "topk:0.01,q:8",
+    "q:4:nearest",
+    "qsgd:8",
+    "qsgd:4:64",
+    "sign",
+    "topk:0.1,ternary",
+    "fp16",
+    "bf16",
+    "randk:0.1,q:8",
+    "thresh:0.5,q:4",
+    "topk:0.1,q:8;vector=none",
 )
+# NOTE: zstd and lowrank have no vectors. zstd's compressed bytes may change
+# between zstandard releases, and lowrank's QR runs in LAPACK, whose float64
+# results differ between BLAS builds, so neither encoder is byte-stable.
 
 VECTOR_FORMAT = 1
 SEED = 20240601
