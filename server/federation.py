@@ -50,6 +50,7 @@ def run_federation(
         # `flwr run` may start fewer SuperNodes than there are people, so only an
         # explicit --clients waits for that many nodes.
         min_available_nodes=config.num_clients or 1,
+        uplink=config.compression,
         downlink=config.downlink_compression,
         seed=config.seed,
     )

@@ -10,7 +10,12 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from pocketfl.compression import DecodeError, decode_update, payload_float32_bytes
+from pocketfl.compression import (
+    DecodeError,
+    decode_update,
+    parse_compression_spec,
+    payload_float32_bytes,
+)
 
 from .downlink import (
     BASE_VERSION_KEY,
@@ -68,6 +73,11 @@ class CompressedFedAvg(FedAvg):
 
     Parameters
     ----------
+    uplink : str or None, default None
+        Uplink pipeline spec that clients must encode with, as sent in the
+        round instructions. A payload under any other spec is dropped like an
+        undecodable one, so a client cannot, say, send float32 where top-k was
+        asked for. None accepts any valid spec.
     downlink : str, default "none"
         Downlink pipeline spec. "none" sends the float32 ArrayRecord, as
         `FedAvg` does.
@@ -78,21 +88,23 @@ class CompressedFedAvg(FedAvg):
     **kwargs
         Those of `flwr.serverapp.strategy.FedAvg`.
 
-    Train replies must
-    carry a ConfigRecord "update" with the bytes entry "payload" and a
-    MetricRecord "metrics" with "num-examples" and the keys of `TRAIN_METRICS`.
+    Train replies must carry a ConfigRecord "update" with the bytes entry
+    "payload" and a MetricRecord "metrics" with "num-examples" and the keys of
+    `TRAIN_METRICS`.
     Evaluate replies carry "num-examples" and the keys of `EVALUATE_METRICS`.
     The round's metrics are weighted means of those keys only.
     """
 
     def __init__(
         self,
+        uplink: str | None = None,
         downlink: str = "none",
         seed: int = 0,
         max_downlink_versions: int = DEFAULT_MAX_VERSIONS,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.uplink = parse_compression_spec(uplink) if uplink is not None else None
         self.traffic: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] = {}
 
@@ -277,4 +289,5 @@ class CompressedFedAvg(FedAvg):
             raise DecodeError(f"'{UPDATE_KEY}.{PAYLOAD_KEY}' must be bytes, got {type(payload).__name__}")
 
         weight, metrics = read_metrics(content, TRAIN_METRICS)
-        return decode_update(payload, expected_shapes), weight, metrics
+        delta = decode_update(payload, expected_shapes, expected_spec=self.uplink)
+        return delta, weight, metrics

@@ -9,18 +9,22 @@ this folder on PYTHONPATH.
 | 1 | negative train-seconds | honest |
 | 2 | honest, behind an extra MetricRecord | an extra metric key |
 | 3 | raises an exception | raises an exception |
-| 4 and up | honest | honest |
+| 4 | honest update, re-encoded as float32 (`none`) | honest |
+| 5 and up | honest | honest |
 """
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pocketfl.client import app as honest
+from pocketfl.compression import UpdateCodec, decode_update
+from pocketfl.tasks.har.model import build_model
 
 CORRUPT_PAYLOAD = 0
 NEGATIVE_SECONDS = 1
 EXTRA_RECORDS = 2
 RAISES = 3
+WRONG_SPEC = 4
 
 app = ClientApp()
 
@@ -42,6 +46,9 @@ def train(msg: Message, context: Context) -> Message:
         payload = bytes(damaged)
     if partition_id == NEGATIVE_SECONDS:
         metrics["train-seconds"] = -100.0
+    if partition_id == WRONG_SPEC:
+        shapes = {name: tuple(tensor.shape) for name, tensor in build_model().state_dict().items()}
+        payload = UpdateCodec("none").encode(decode_update(payload, shapes), seed=0)
 
     records = {}
     if partition_id == EXTRA_RECORDS:

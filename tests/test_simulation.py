@@ -69,7 +69,7 @@ def test_bad_replies_cost_those_replies_not_the_round(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS_DIR))
     import faulty_clients
 
-    config = _config(tmp_path, num_clients=5)
+    config = _config(tmp_path, num_clients=6)
     run_simulation(
         server_app=build_server_app(config),
         client_app=faulty_clients.app,
@@ -80,10 +80,11 @@ def test_bad_replies_cost_those_replies_not_the_round(tmp_path, monkeypatch):
     report = read_report(config.run_dir / "report.json")
     assert len(report.rounds) == 2
     for record in report.rounds:
-        # Partitions 0 (corrupt payload), 1 (negative seconds) and 3 (crash) fail.
-        assert record.failed_clients == 3
+        # Partitions 0 (corrupt payload), 1 (negative seconds), 3 (crash) and
+        # 4 (float32 where top-k was asked for) fail.
+        assert record.failed_clients == 4
         assert record.clients == 2
-        assert record.sampled_clients == 5
+        assert record.sampled_clients == 6
         assert record.uplink_float32_bytes == 2 * 4 * report.num_parameters
         assert record.mean_train_seconds >= 0
         assert 0.0 <= record.client_accuracy <= 1.0
