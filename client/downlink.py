@@ -3,8 +3,9 @@
 A message carries either the float32 model (ArrayRecord "arrays", downlink
 "none") or a ConfigRecord "downlink" with a payload, its base version and the
 new version. A full payload is the model itself. A delta is added to the
-model this phone rebuilt last time, kept in `Context.state` with its version. The addition is float32, exactly as on the server, so both sides
-hold the same model bit for bit.
+model this phone rebuilt last time, kept in `Context.state` with its version.
+The addition is float32, exactly as on the server, so both sides hold the same
+model bit for bit.
 """
 
 from collections.abc import Mapping
@@ -21,6 +22,9 @@ PAYLOAD_KEY = "payload"
 BASE_VERSION_KEY = "base-version"
 VERSION_KEY = "version"
 FULL_KEY = "full"
+
+# Base version of a full model; the server numbers versions from 1.
+NO_VERSION = 0
 
 # Keys in Context.state: the rebuilt model (one float32 copy) and its version.
 MODEL_STATE_KEY = "downlink-model"
@@ -75,7 +79,17 @@ def _read_downlink(record: ConfigRecord) -> tuple[bytes, int, int, bool]:
     full = record.get(FULL_KEY)
     if not isinstance(full, bool):
         raise DecodeError(f"'{DOWNLINK_KEY}.{FULL_KEY}'={full!r} must be a bool")
-    return payload, versions[0], versions[1], full
+
+    # A full model has no base and a delta has one, and versions only grow.
+    base_version, version = versions
+    if full != (base_version == NO_VERSION):
+        raise DecodeError(
+            f"'{DOWNLINK_KEY}.{FULL_KEY}'={full} contradicts base version {base_version}: "
+            f"a full model has base version {NO_VERSION}, a delta a later one"
+        )
+    if version <= base_version:
+        raise DecodeError(f"new version {version} must be greater than base version {base_version}")
+    return payload, base_version, version, full
 
 
 def _held_model(

@@ -204,10 +204,20 @@ def _decode_checked(
     reader = PayloadReader(payload)
     spec_text = reader.read_header()
 
+    # Writers put the canonical text in the header, so a text comparison
+    # rejects another pipeline before any parsing work, which a header with
+    # thousands of rules would otherwise cost on every reply.
+    if expected_spec is not None and spec_text != expected_spec.canonical():
+        raise DecodeError(
+            f"payload was encoded with {_shorten(spec_text)}, expected {expected_spec.canonical()}"
+        )
+
     try:
         spec = parse_compression_spec(spec_text)
     except ValueError as error:
-        raise DecodeError(f"pipeline spec in the payload header is invalid: {error}") from error
+        raise DecodeError(
+            f"pipeline spec in the payload header is invalid: {_shorten(str(error), 600)}"
+        ) from error
     if expected_spec is not None and spec != expected_spec:
         raise DecodeError(f"payload was encoded with {spec}, expected {expected_spec}")
 
@@ -271,3 +281,8 @@ def _check_expected_shapes(expected_shapes: Mapping[str, tuple[int, ...]]) -> di
             raise ValueError(f"expected shape {dims} of tensor {name!r} has a negative dimension")
         shapes[name] = dims
     return shapes
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    # Header text comes from the sender, so messages quote a bounded part of it.
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

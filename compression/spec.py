@@ -468,7 +468,8 @@ def _canonical_selector(selector: str) -> str:
 
 def _rule_error(text: str, position: int, rule_text: str, problem: str) -> ValueError:
     return ValueError(
-        f"invalid compression spec {text!r}, rule {position} {rule_text!r}: {problem}. "
+        f"invalid compression spec {_quoted(text)}, rule {position} {_quoted(rule_text)}: "
+        f"{_shortened(problem)}. "
         f"Rules follow the default pipeline as ';SELECTOR=PIPELINE', where the selector is "
         f"bias, vector, small:N or a tensor-name glob. Example of a valid spec: {RULES_EXAMPLE!r}"
     )
@@ -668,9 +669,20 @@ def _parse_integer(text: str, token: str, what: str, raw: str, low: int, high: i
     return value
 
 
+def _quoted(text: str, limit: int = 200) -> str:
+    # Specs can come from a payload header, so messages quote a bounded part.
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _shortened(problem: str, limit: int = 400) -> str:
+    return problem if len(problem) <= limit else f"{problem[:limit]}..."
+
+
 def _spec_error(text: str, token: str, problem: str) -> ValueError:
     return ValueError(
-        f"invalid compression spec {text!r}, token {token!r}: {problem}. "
+        f"invalid compression spec {_quoted(text)}, token {_quoted(token)}: {_shortened(problem)}. "
         f"Known stages: {', '.join(KNOWN_STAGES)}; at most one sparsifier "
         f"({', '.join(SPARSIFIERS)}), then one value coder, then zstd; q bits 1..8, "
         f"qsgd levels 1..127, fraction (0, 1], top-k scope tensor or model (default), "

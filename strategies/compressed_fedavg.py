@@ -192,8 +192,20 @@ class CompressedFedAvg(FedAvg):
 
         # Clients sent `local - reconstruction`. The mean goes onto the exact
         # global model (see the class docstring), as in plain FedAvg.
-        mean_delta = running_mean.mean()
-        new_global = {name: self._global[name] + mean_delta[name] for name in self._global}
+        with np.errstate(over="ignore"):
+            mean_delta = running_mean.mean()
+            new_global = {name: self._global[name] + mean_delta[name] for name in self._global}
+
+        # Each decoded update is finite, but a few huge ones can still push the
+        # float32 model to inf, which would end every later round.
+        if not all(np.isfinite(values).all() for values in new_global.values()):
+            logger.error(
+                "round %d: the aggregated model is not finite, so the round's updates are "
+                "discarded and the previous global model is kept",
+                server_round,
+            )
+            return None, None
+
         arrays = ArrayRecord({name: Array(values) for name, values in new_global.items()})
         return arrays, train_metrics.mean()
 
@@ -237,7 +249,16 @@ class CompressedFedAvg(FedAvg):
 
         nodes = [message.metadata.dst_node_id for message in messages]
         bases = {node: self._held_versions.get(node, NO_VERSION) for node in nodes}
-        encoded = self.downlink.encode(self._global, set(bases.values()))
+        try:
+            encoded = self.downlink.encode(self._global, set(bases.values()))
+        except ValueError as error:
+            # For example fp16 and a weight beyond its range. The float32 model
+            # always encodes, and the nodes then hold no downlink version.
+            logger.warning("downlink encoding failed, sending the float32 model this round: %s", error)
+            for node in nodes:
+                self._held_versions.pop(node, None)
+            self._sent_versions = {}
+            return messages, len(messages) * payload_float32_bytes(self._shapes())
 
         compressed = []
         payload_bytes = 0

@@ -29,7 +29,9 @@ class StreamingMean:
             )
 
         for name, values in update.items():
-            self._sums[name] += weight * values
+            # The product is taken in float64: a float32 product of a large
+            # weight and a large value overflows to inf before reaching the sum.
+            self._sums[name] += np.multiply(values, weight, dtype=np.float64)
         self.total_weight += weight
         self.count += 1
 

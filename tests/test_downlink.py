@@ -144,7 +144,9 @@ def test_delta_against_another_version_is_rejected():
         receive_model(_message(delta), stale, SHAPES)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "missing", "bad-version"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "missing", "bad-version", "full-with-base", "delta-without-base", "version-not-after-base"]
+)
 def test_malformed_downlink_raises_decode_error(damage):
     encoded = DownlinkEncoder("q:8", seed=0).encode(_model(0), {NO_VERSION})[NO_VERSION]
     message = _message(encoded)
@@ -155,6 +157,15 @@ def test_malformed_downlink_raises_decode_error(damage):
         message = RecordDict({"config": ConfigRecord({})})
     if damage == "bad-version":
         record["version"] = -3
+    if damage == "full-with-base":
+        record["base-version"] = 5
+        record["version"] = 6
+    if damage == "delta-without-base":
+        record["full"] = False
+    if damage == "version-not-after-base":
+        record["full"] = False
+        record["base-version"] = 4
+        record["version"] = 4
 
     context = _context()
     with pytest.raises(DecodeError):
