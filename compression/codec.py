@@ -64,7 +64,7 @@ class UpdateCodec:
         spec_size = len(self.spec.canonical().encode("utf-8"))
         if spec_size > MAX_U16:
             raise ValueError(
-                f"canonical spec is {spec_size} UTF-8 bytes, the payload header holds at most "
+                f"canonical spec is {spec_size} UTF-8 bytes, the payload header allows at most "
                 f"{MAX_U16}; use fewer or shorter rules"
             )
 

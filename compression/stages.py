@@ -285,7 +285,7 @@ class QSGD:
     of the paper).
 
     Body layout: one float32 norm per block, then the codes bit-packed at
-    ``1 + bit_length(s)`` bits each. A code holds the level in its low
+    ``1 + bit_length(s)`` bits each. A code stores the level in its low
     ``bit_length(s)`` bits and the sign (1 = negative) in its top bit.
 
     Parameters

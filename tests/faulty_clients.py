@@ -31,7 +31,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train honestly, then damage the reply as the table above says."""
+    """Train honestly, then damage the reply as the table above describes."""
     partition_id = int(context.node_config["partition-id"])
     if partition_id == RAISES:
         raise RuntimeError("simulated crash during training")
@@ -60,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate honestly, then damage the reply as the table above says."""
+    """Evaluate honestly, then damage the reply as the table above describes."""
     partition_id = int(context.node_config["partition-id"])
     if partition_id == RAISES:
         raise RuntimeError("simulated crash during evaluation")

@@ -45,7 +45,7 @@ def test_help_lists_main_options():
         assert option in result.output
 
 
-def test_output_dir_that_is_a_file_fails_at_start(tmp_path):
+def test_output_dir_file_fails_at_start(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
 

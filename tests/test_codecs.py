@@ -1398,7 +1398,7 @@ def test_rules_send_bias_exactly_and_weights_compressed(rng):
 
 
 def test_model_topk_ranks_only_default_governed_tensors():
-    # The bias holds the largest entries; under a rule it must not take the
+    # The bias contains the largest entries; under a rule it must not take the
     # weights' top-k budget, and the weights' k counts only their own entries.
     update = {
         "w": np.arange(1, 101, dtype=np.float32).reshape(10, 10),

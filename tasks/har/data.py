@@ -268,7 +268,7 @@ def _resolve_cache_dir(cache_dir: Path | str | None) -> Path:
 
 
 def _read_cache(path: Path) -> HarWindows:
-    # allow_pickle=False: a cache file is data only, whoever wrote it.
+    # allow_pickle=False: a cache file is data only, regardless of who wrote it.
     with np.load(path, allow_pickle=False) as archive:
         stored = archive["format_version"]
         if stored.shape != () or stored.dtype.kind not in "iu":
