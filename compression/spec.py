@@ -657,15 +657,15 @@ def _parse_scope(text: str, token: str, raw: str) -> str:
     return raw
 
 
-def _parse_integer(text: str, token: str, what: str, raw: str, low: int, high: int) -> int:
+def _parse_integer(text: str, token: str, field: str, raw: str, low: int, high: int) -> int:
     if not _INTEGER.fullmatch(raw):
         raise _spec_error(
-            text, token, f"{what} {raw!r} is not an integer in the allowed range {low}..{high}"
+            text, token, f"{field} {raw!r} is not an integer in the allowed range {low}..{high}"
         )
 
     value = int(raw)
     if not low <= value <= high:
-        raise _spec_error(text, token, f"{what} {value} is outside the allowed range {low}..{high}")
+        raise _spec_error(text, token, f"{field} {value} is outside the allowed range {low}..{high}")
     return value
 
 

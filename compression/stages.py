@@ -1133,11 +1133,11 @@ class LowRank:
     float32 rounding, for almost every ``G``.
 
     Sending both factors costs ``r * (m + n)`` values and needs no generator
-    on the reader. A tensor with ``ndim < 2``, or one where
-    ``r * (m + n) >= m * n`` (the factors would not be smaller; this also
-    covers ``r >= min(m, n)`` and empty tensors), is sent densely: its body is
-    the value coder's body over all ``numel`` values, as if the pipeline had no
-    low-rank stage. The reader applies the same rule to the expected shape
+    on the reader. A tensor with ``ndim < 2`` is sent densely, and so is one
+    where ``r * (m + n) >= m * n``, because there the factors would not be
+    smaller; that rule also covers ``r >= min(m, n)`` and empty tensors. A dense
+    body is the value coder's body over all ``numel`` values, as if the pipeline
+    had no low-rank stage. The reader applies the same rule to the expected shape
     (`factor_shape`), so the body carries no tag.
 
     Low-rank is biased: what lies outside the rank-r span is dropped every

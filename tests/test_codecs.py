@@ -1398,8 +1398,8 @@ def test_rules_send_bias_exactly_and_weights_compressed(rng):
 
 
 def test_model_topk_ranks_only_default_governed_tensors():
-    # The bias contains the largest entries; under a rule it must not take the
-    # weights' top-k budget, and the weights' k counts only their own entries.
+    # The bias contains the largest entries. Under a rule it takes none of the
+    # weights' top-k budget, so the weights' k counts only their own entries.
     update = {
         "w": np.arange(1, 101, dtype=np.float32).reshape(10, 10),
         "v": -np.arange(1, 11, dtype=np.float32),
@@ -1420,7 +1420,7 @@ def test_model_topk_ranks_only_default_governed_tensors():
     assert np.count_nonzero(decoded["bias"]) == 16
 
 
-def test_model_topk_inside_a_rule_ranks_that_rules_tensors(rng):
+def test_topk_inside_rule_ranks_rule_tensors(rng):
     update = {
         "a.weight": rng.standard_normal((20, 20)).astype(np.float32),
         "b.weight": 100 * rng.standard_normal((20, 20)).astype(np.float32),

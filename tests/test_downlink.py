@@ -177,3 +177,12 @@ def test_float32_arrays_pass_through_unchanged():
     model = _model(3)
     content = RecordDict({"arrays": ArrayRecord({name: Array(values) for name, values in model.items()})})
     _assert_bitwise_equal(receive_model(content, _context(), SHAPES), model)
+
+
+def test_client_and_server_use_same_message_keys():
+    # The client may not import the strategies, so each side defines the keys.
+    from pocketfl.client import downlink as client_side
+    from pocketfl.strategies import downlink as server_side
+
+    for key in ("DOWNLINK_KEY", "PAYLOAD_KEY", "BASE_VERSION_KEY", "VERSION_KEY", "FULL_KEY", "NO_VERSION"):
+        assert getattr(client_side, key) == getattr(server_side, key), key

@@ -11,7 +11,7 @@ Usage, from the repository root:
     python tests/vectors/generate.py           # write vectors that are missing
     python tests/vectors/generate.py --force   # also rewrite changed ones
 
-A vector that exists and would change is refused without ``--force``: a changed
+A vector that exists and would change is rejected without ``--force``: a changed
 vector means a change of the wire format (or of the encoder's rounding), which
 every client port must follow. See README.md in this folder for the format.
 """
@@ -136,7 +136,7 @@ def main() -> int:
     )
     options = parser.parse_args()
 
-    refused = []
+    rejected = []
     for spec in PIPELINES:
         path = vector_path(spec)
         text = render(make_vector(spec))
@@ -145,7 +145,7 @@ def main() -> int:
                 print(f"unchanged  {path.name}")
                 continue
             if not options.force:
-                refused.append(path.name)
+                rejected.append(path.name)
                 print(f"REFUSED    {path.name}: content would change")
                 continue
             print(f"rewritten  {path.name}")
@@ -153,9 +153,9 @@ def main() -> int:
             print(f"written    {path.name}")
         path.write_text(text)
 
-    if refused:
+    if rejected:
         print(
-            f"\n{len(refused)} vector(s) would change, which means the wire format or the "
+            f"\n{len(rejected)} vector(s) would change, which means the wire format or the "
             "encoder changed. Rerun with --force only if that change is intended, and "
             "tell client ports about it.",
             file=sys.stderr,
