@@ -55,6 +55,23 @@ class RunConfig(BaseModel):
             "'none' sends the float32 model."
         ),
     )
+    min_reports: int = Field(
+        1,
+        ge=1,
+        le=100_000,
+        description="Reports a round needs; a round with fewer fails and keeps the model.",
+    )
+    round_deadline: float | None = Field(
+        None,
+        gt=0,
+        description="Simulated seconds after which a phone's report is late (simulations only).",
+    )
+    over_selection: float = Field(
+        1.0,
+        ge=1.0,
+        le=10.0,
+        description="Phones sampled per report needed, with simulated phones (1.3 is common).",
+    )
     error_feedback: bool = Field(
         True, description="Keep what the encoding drops and add it to the next update."
     )
@@ -85,6 +102,12 @@ class RunConfig(BaseModel):
     def _empty_cache_dir_is_default(cls, value: Any) -> Any:
         # TOML has no null, so Flower's run config writes "no folder" as "".
         return None if value == "" else value
+
+    @field_validator("round_deadline", mode="before")
+    @classmethod
+    def _zero_deadline_is_none(cls, value: Any) -> Any:
+        # TOML has no null, so Flower's run config writes "no deadline" as 0.
+        return None if value in (0, 0.0, "") else value
 
     @field_validator("compression", "downlink_compression")
     @classmethod

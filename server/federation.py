@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 
 from pocketfl.client.instructions import RoundInstructions
 from pocketfl.strategies import CompressedFedAvg
+from pocketfl.strategies.device_clock import DeviceClock
 from pocketfl.tasks.har.federation import HarFederation, load_federation
 from pocketfl.tasks.har.model import build_model
 from pocketfl.tasks.har.training import evaluate
@@ -26,12 +27,16 @@ RoundCallback = Callable[[RoundRecord], None]
 
 
 def run_federation(
-    grid: Grid, config: RunConfig, on_round: RoundCallback | None = None
+    grid: Grid,
+    config: RunConfig,
+    on_round: RoundCallback | None = None,
+    clock: DeviceClock | None = None,
 ) -> Report:
     """Run `config.num_server_rounds` rounds of compressed FedAvg and write the results.
 
     After each round the global model is evaluated on the held-out people, the
     round is appended to the report on disk, and `on_round` is called with it.
+    With a `clock` (simulated phones), rounds also run on simulated time.
     """
     started = time.perf_counter()
     prepare_folders(config)
@@ -53,6 +58,10 @@ def run_federation(
         uplink=config.compression,
         downlink=config.downlink_compression,
         seed=config.seed,
+        min_reports=config.min_reports,
+        clock=clock,
+        round_deadline=config.round_deadline,
+        over_selection=config.over_selection,
     )
     round_started = time.perf_counter()
     initial_accuracy = 0.0
@@ -68,6 +77,8 @@ def run_federation(
             return MetricRecord({"accuracy": accuracy, "loss": loss})
 
         record = _round_record(strategy, server_round, accuracy, loss, round_started)
+        previous = report.rounds[-1].cumulative_simulated_seconds if report.rounds else 0.0
+        record.cumulative_simulated_seconds = previous + record.simulated_seconds
         report.rounds.append(record)
         write_report(report, config.run_dir)
         logger.info(
@@ -145,6 +156,10 @@ def _round_record(
         compression_ratio=ratio,
         mean_train_seconds=float(np.mean(traffic.train_seconds)) if traffic.train_seconds else 0.0,
         wall_seconds=time.perf_counter() - round_started,
+        failed=traffic.round_failed,
+        dropped_clients=traffic.dropped_clients,
+        late_clients=traffic.late_clients,
+        simulated_seconds=traffic.simulated_seconds,
     )
 
 
@@ -175,5 +190,7 @@ def _summary(report: Report, initial_accuracy: float, wall_seconds: float) -> Su
         total_downlink_payload_bytes=downlink_payload,
         total_downlink_float32_bytes=downlink_float32,
         completed_rounds=len(report.rounds),
+        failed_rounds=sum(record.failed for record in report.rounds),
+        total_simulated_seconds=report.rounds[-1].cumulative_simulated_seconds if report.rounds else 0.0,
         wall_seconds=wall_seconds,
     )

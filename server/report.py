@@ -51,6 +51,23 @@ class RoundRecord(BaseModel):
     )
     mean_train_seconds: float = Field(ge=0, description="Mean local training time per client, in seconds.")
     wall_seconds: float = Field(ge=0, description="Wall-clock time of the round on the server, in seconds.")
+    failed: bool = Field(
+        False, description="Fewer reports than min-reports arrived; the global model was kept."
+    )
+    dropped_clients: int = Field(
+        0, ge=0, description="Sampled phones that dropped out (simulated availability)."
+    )
+    late_clients: int = Field(
+        0,
+        ge=0,
+        description="Reports after the deadline or after the round had the reports it needed.",
+    )
+    simulated_seconds: float = Field(
+        0.0, ge=0, description="Length of the round on the simulated phone clock, in seconds."
+    )
+    cumulative_simulated_seconds: float = Field(
+        0.0, ge=0, description="Simulated seconds from the start of round 1 to the end of this round."
+    )
 
 
 class Summary(BaseModel):
@@ -71,6 +88,8 @@ class Summary(BaseModel):
     total_downlink_payload_bytes: int = 0
     total_downlink_float32_bytes: int = 0
     completed_rounds: int
+    failed_rounds: int = 0
+    total_simulated_seconds: float = 0.0
     wall_seconds: float
 
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from pocketfl.server.config import RunConfig, load_run_config, prepare_folders
 from pocketfl.server.federation import MODEL_FILE
 from pocketfl.server.report import REPORT_FILE, ROUNDS_FILE, Report, RoundRecord
+from pocketfl.simulations.profiles import Population, resolve_population
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning for phones.")
 console = Console()
@@ -64,10 +65,34 @@ def simulate(
     cache_dir: Annotated[
         Path | None, typer.Option(help="HAR cache folder (default: POCKETFL_CACHE_DIR or ~/.cache/pocketfl).")
     ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Simulate phone hardware and links: 'default' (low- to high-end phones on "
+                "cellular and Wi-Fi), 'cellular', or a TOML profile file. Rounds then run on "
+                "a simulated clock. Default: no device simulation."
+            )
+        ),
+    ] = None,
+    round_deadline: Annotated[
+        float | None,
+        typer.Option(help="With --devices: simulated seconds after which a report is late."),
+    ] = None,
+    over_selection: Annotated[
+        float, typer.Option(help="With --devices: phones sampled per report needed, 1 to 10.")
+    ] = 1.0,
+    min_reports: Annotated[
+        int, typer.Option(help="Reports a round needs; a round with fewer fails and keeps the model.")
+    ] = 1,
+    start_hour: Annotated[
+        float, typer.Option(help="With --devices: hour of the simulated day when round 1 starts.")
+    ] = 0.0,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run federated activity recognition across simulated phones and write a report."""
     try:
+        population = resolve_devices(devices)
         config = load_run_config(
             {
                 "num_server_rounds": rounds,
@@ -84,6 +109,9 @@ def simulate(
                 "run_name": name,
                 "output_dir": output_dir,
                 "cache_dir": cache_dir,
+                "round_deadline": round_deadline,
+                "over_selection": over_selection,
+                "min_reports": min_reports,
             },
             OPTION_NAMES,
         )
@@ -124,10 +152,20 @@ def simulate(
                 description=f"accuracy {record.accuracy:.3f}, uplink {record.uplink_bytes:,} B",
             )
 
-        report = run_simulation(config, on_round)
+        report = run_simulation(config, on_round, population, start_hour)
 
     _print_summary(report)
     console.print(f"wrote {REPORT_FILE}, {ROUNDS_FILE} and {MODEL_FILE} in {config.run_dir}", highlight=False)
+
+
+def resolve_devices(devices: str | None) -> Population | None:
+    """Return the population that --devices names, or None; raise ValueError naming the option."""
+    if devices is None:
+        return None
+    try:
+        return resolve_population(devices)
+    except ValueError as error:
+        raise ValueError(f"invalid value '{devices}' for --devices: {error}") from None
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -11,6 +11,9 @@ from pocketfl.server.config import RunConfig
 from pocketfl.server.federation import RoundCallback
 from pocketfl.server.report import REPORT_FILE, Report, read_report
 
+from .clock import PhoneClock
+from .profiles import Population
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,8 +32,17 @@ def backend_config(num_cpus: int | None = None) -> dict:
     }
 
 
-def simulate(config: RunConfig, on_round: RoundCallback | None = None) -> Report:
-    """Run `config` with one simulated SuperNode per client and return the report."""
+def simulate(
+    config: RunConfig,
+    on_round: RoundCallback | None = None,
+    population: Population | None = None,
+    start_hour: float = 0.0,
+) -> Report:
+    """Run `config` with one simulated SuperNode per client and return the report.
+
+    With a `population`, each node is a phone from it and rounds run on the
+    simulated clock (deadline, dropouts, over-selection from `config`).
+    """
     # Flower's telemetry would try the network, which simulations must not need.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # Ray keeps CUDA_VISIBLE_DEVICES alone for num_gpus=0 with this set, which
@@ -45,9 +57,18 @@ def simulate(config: RunConfig, on_round: RoundCallback | None = None) -> Report
     # It is still the in-process entry to the same Simulation Engine, and the
     # only one that needs no SuperLink process and can report progress here.
     run_simulation(
-        server_app=build_server_app(config, on_round),
+        server_app=build_server_app(config, on_round, phone_clock(config, population, start_hour)),
         client_app=client_app,
         num_supernodes=num_clients,
         backend_config=backend_config(),
     )
     return read_report(config.run_dir / REPORT_FILE)
+
+
+def phone_clock(
+    config: RunConfig, population: Population | None, start_hour: float = 0.0
+) -> PhoneClock | None:
+    """Return the simulated clock for `population`, or None to run without one."""
+    if population is None:
+        return None
+    return PhoneClock(population, config.seed, config.local_epochs, start_hour=start_hour)

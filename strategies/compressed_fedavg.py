@@ -17,6 +17,7 @@ from pocketfl.compression import (
     payload_float32_bytes,
 )
 
+from .device_clock import DeviceClock
 from .downlink import (
     BASE_VERSION_KEY,
     DEFAULT_MAX_VERSIONS,
@@ -27,6 +28,7 @@ from .downlink import (
     DownlinkEncoder,
 )
 from .replies import EVALUATE_METRICS, TRAIN_METRICS, WeightedMetrics, read_metrics
+from .round_timer import RoundTimer, target_reports
 from .streaming import StreamingMean
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ class RoundTraffic:
     uplink_message_bytes: int = 0
     uplink_float32_bytes: int = 0
     train_seconds: list[float] = field(default_factory=list)
+    # Simulated time (only with a DeviceClock) and the minimum-report rule.
+    dropped_clients: int = 0
+    late_clients: int = 0
+    simulated_seconds: float = 0.0
+    round_failed: bool = False
 
 
 class CompressedFedAvg(FedAvg):
@@ -85,6 +92,18 @@ class CompressedFedAvg(FedAvg):
         Run seed, for the downlink's stochastic rounding.
     max_downlink_versions : int, default 3
         Reconstructions the server keeps, one float32 model copy each.
+    min_reports : int, default 1
+        A round with fewer aggregated reports fails: the global model is kept
+        and the round is recorded as failed, not averaged over too few phones.
+    clock : DeviceClock or None, default None
+        Simulated phones. With one, the strategy samples `over_selection`
+        times the reports it needs, leaves out phones that drop out, keeps the
+        first reports that arrive before `round_deadline` on the simulated
+        clock, and records each round's simulated seconds (see `RoundTimer`).
+    round_deadline : float or None, default None
+        Simulated seconds after which a report is late; None waits for all.
+    over_selection : float, default 1.0
+        Phones sampled per report needed, with a clock.
     **kwargs
         Those of `flwr.serverapp.strategy.FedAvg`.
 
@@ -101,8 +120,17 @@ class CompressedFedAvg(FedAvg):
         downlink: str = "none",
         seed: int = 0,
         max_downlink_versions: int = DEFAULT_MAX_VERSIONS,
+        min_reports: int = 1,
+        clock: DeviceClock | None = None,
+        round_deadline: float | None = None,
+        over_selection: float = 1.0,
         **kwargs,
     ) -> None:
+        self.min_reports = min_reports
+        self.timer = RoundTimer(clock, round_deadline, over_selection) if clock is not None else None
+        self.target_fraction = kwargs.get("fraction_train", 1.0)
+        if self.timer is not None:
+            kwargs["fraction_train"] = self.timer.sample_fraction(self.target_fraction)
         super().__init__(**kwargs)
         self.uplink = parse_compression_spec(uplink) if uplink is not None else None
         self.traffic: dict[int, RoundTraffic] = {}
@@ -122,12 +150,19 @@ class CompressedFedAvg(FedAvg):
         """Sample clients as FedAvg does, encode the downlink and record its bytes."""
         self._global = {name: array.numpy() for name, array in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        sampled_clients = len(messages)
+        if self.timer is not None:
+            node_ids = list(grid.get_node_ids())
+            target = target_reports(len(node_ids), self.target_fraction, self.min_train_nodes)
+            messages = self.timer.start_round(server_round, messages, node_ids, target)
         messages, payload_bytes = self._encode_downlink(messages)
 
-        traffic = RoundTraffic(sampled_clients=len(messages))
-        traffic.downlink_bytes = sum(
-            recorddict_to_proto(message.content).ByteSize() for message in messages
-        )
+        traffic = RoundTraffic(sampled_clients=sampled_clients)
+        message_sizes = [recorddict_to_proto(message.content).ByteSize() for message in messages]
+        traffic.downlink_bytes = sum(message_sizes)
+        if self.timer is not None:
+            self.timer.record_downlink(server_round, messages, message_sizes)
+            traffic.dropped_clients = sampled_clients - len(messages)
         traffic.downlink_payload_bytes = payload_bytes
         traffic.downlink_float32_bytes = len(messages) * payload_float32_bytes(self._shapes())
         self.traffic[server_round] = traffic
@@ -151,9 +186,21 @@ class CompressedFedAvg(FedAvg):
         running_mean = StreamingMean(expected_shapes)
         train_metrics = WeightedMetrics()
 
+        replies = list(replies)
+        late = set()
+        if self.timer is not None:
+            timed = self.timer.close(server_round, replies)
+            late = timed.late
+            traffic.late_clients = len(late)
+            traffic.simulated_seconds = timed.seconds
+
         answered = set()
         for reply in replies:
             node_id = reply.metadata.src_node_id
+            if node_id in late:
+                # The phone trained and rebuilt its downlink model; its report is discarded.
+                answered.add(node_id)
+                continue
             if reply.has_error():
                 traffic.failed_clients += 1
                 logger.warning(
@@ -187,7 +234,14 @@ class CompressedFedAvg(FedAvg):
             traffic.sampled_clients,
             traffic.failed_clients,
         )
-        if running_mean.count == 0:
+        if running_mean.count < self.min_reports:
+            traffic.round_failed = True
+            logger.warning(
+                "round %d failed: %d reports, fewer than the minimum of %d; the global model is kept",
+                server_round,
+                running_mean.count,
+                self.min_reports,
+            )
             return None, None
 
         # Clients sent `local - reconstruction`. The mean goes onto the exact

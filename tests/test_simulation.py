@@ -10,6 +10,7 @@ from pocketfl.server.app import build_server_app
 from pocketfl.server.config import load_run_config
 from pocketfl.server.report import read_report
 from pocketfl.simulations.engine import backend_config, simulate
+from pocketfl.simulations.profiles import DeviceProfile, Population
 
 pytestmark = pytest.mark.simulation
 
@@ -98,3 +99,58 @@ def test_same_seed_gives_same_report(tmp_path):
 
     assert first.rounds[0].model_dump(exclude=timing) == second.rounds[0].model_dump(exclude=timing)
     assert first.held_out_people == second.held_out_people
+
+
+def _two_speed_population():
+    # Half the phones upload 100 times slower than the other half.
+    common = {
+        "weight": 1.0,
+        "train_samples_per_second": 1e6,
+        "memory_mb": 2048,
+        "downlink_mbps": 100.0,
+        "availability": 1.0,
+    }
+    return Population(
+        profiles=[
+            DeviceProfile(name="fast", uplink_mbps=100.0, **common),
+            DeviceProfile(name="slow", uplink_mbps=1.0, **common),
+        ]
+    )
+
+
+def test_deadline_drops_slow_phones_and_short_rounds_fail(tmp_path):
+    # A compressed update (a few kB) takes well under a second at either
+    # speed; uncompressed (129 kB) it takes about 1 s at 1 Mbps.
+    config = _config(
+        tmp_path, num_clients=4, compression="none", round_deadline=0.5, min_reports=3
+    )
+
+    report = simulate(config, population=_two_speed_population())
+
+    initial = report.summary.initial_accuracy
+    for record in report.rounds:
+        assert record.sampled_clients == 4
+        assert record.clients == 2
+        assert record.late_clients == 2
+        assert record.dropped_clients == 0
+        assert record.failed
+        assert record.simulated_seconds == 0.5
+        # A failed round keeps the global model.
+        assert record.accuracy == initial
+    assert report.rounds[-1].cumulative_simulated_seconds == 1.0
+    assert report.summary.failed_rounds == 2
+
+
+def test_rounds_on_the_simulated_clock_add_up(tmp_path):
+    config = _config(tmp_path, num_clients=4)
+
+    report = simulate(config, population=_two_speed_population())
+
+    for record in report.rounds:
+        assert record.clients == 4
+        assert not record.failed
+        assert record.late_clients == 0
+        assert record.simulated_seconds > 0
+    assert report.summary.total_simulated_seconds == pytest.approx(
+        sum(record.simulated_seconds for record in report.rounds)
+    )

@@ -1,0 +1,170 @@
+"""The simulated clock, round deadlines and device profile files."""
+
+from collections import Counter
+
+import pytest
+
+from pocketfl.simulations.clock import PhoneClock, transfer_seconds
+from pocketfl.simulations.profiles import DeviceProfile, Population, load_population
+from pocketfl.strategies.device_clock import ClientTime, close_round
+
+
+def _profile(**changes) -> DeviceProfile:
+    values = {
+        "name": "phone",
+        "weight": 1.0,
+        "train_samples_per_second": 100.0,
+        "memory_mb": 2048,
+        "downlink_mbps": 8.0,
+        "uplink_mbps": 2.0,
+        "availability": 1.0,
+    }
+    values.update(changes)
+    return DeviceProfile(**values)
+
+
+def test_client_time_adds_download_training_and_upload():
+    clock = PhoneClock(Population(profiles=[_profile()]), seed=0, local_epochs=2)
+
+    time = clock.client_time(7, 1, downlink_bytes=1_000_000, uplink_bytes=250_000, num_examples=300)
+
+    # 8 Mbit at 8 Mbps, 2 epochs x 300 samples at 100/s, 2 Mbit at 2 Mbps.
+    assert time.download_seconds == pytest.approx(1.0)
+    assert time.train_seconds == pytest.approx(6.0)
+    assert time.upload_seconds == pytest.approx(1.0)
+    assert time.total_seconds == pytest.approx(8.0)
+
+
+def test_transfer_seconds_uses_decimal_megabits():
+    assert transfer_seconds(125_000, 1.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="invalid transfer of -1 bytes"):
+        transfer_seconds(-1, 1.0)
+
+
+def _times(*totals: float) -> dict[int, ClientTime]:
+    return {node: ClientTime(0.0, total, 0.0) for node, total in enumerate(totals)}
+
+
+def test_deadline_drops_exactly_the_clients_past_it():
+    times = _times(5.0, 30.0, 10.0, 10.000001, 9.0)
+
+    outcome = close_round(times, target_reports=5, deadline_seconds=10.0)
+
+    assert outcome.accepted == [0, 4, 2]
+    assert outcome.late == [3, 1]
+    # Fewer reports than needed: the server waits until the deadline.
+    assert outcome.seconds == 10.0
+
+
+def test_round_closes_at_the_last_report_it_needs():
+    times = _times(4.0, 1.0, 3.0, 2.0)
+
+    outcome = close_round(times, target_reports=2, deadline_seconds=100.0)
+
+    assert outcome.accepted == [1, 3]
+    assert outcome.late == [2, 0]
+    assert outcome.seconds == 2.0
+
+
+def test_round_without_deadline_waits_for_the_last_report():
+    outcome = close_round(_times(4.0, 1.0), target_reports=3, deadline_seconds=None)
+
+    assert outcome.accepted == [1, 0]
+    assert outcome.late == []
+    assert outcome.seconds == 4.0
+
+
+def test_round_with_dropouts_waits_until_the_deadline():
+    outcome = close_round(_times(1.0), target_reports=2, deadline_seconds=60.0, waited_for_dropouts=True)
+
+    assert outcome.accepted == [0]
+    assert outcome.seconds == 60.0
+
+
+def test_profiles_are_dealt_in_proportion_and_reproducibly():
+    population = Population(
+        profiles=[_profile(name="slow", weight=3.0), _profile(name="fast", weight=1.0)]
+    )
+    nodes = [int(node) for node in range(1000, 1400)]
+
+    first = PhoneClock(population, seed=3, local_epochs=1)
+    first.assign(nodes)
+    second = PhoneClock(population, seed=3, local_epochs=1)
+    second.assign(reversed(nodes))
+
+    counts = Counter(first.profile(node).name for node in nodes)
+    assert counts == {"slow": 300, "fast": 100}
+    assert [first.profile(node).name for node in nodes] == [second.profile(node).name for node in nodes]
+
+
+def test_dropouts_follow_availability_by_hour():
+    night_only = [1.0 if hour < 6 else 0.0 for hour in range(24)]
+    clock = PhoneClock(Population(profiles=[_profile(availability=night_only)]), seed=0, local_epochs=1)
+    clock.assign(range(50))
+
+    at_night = [clock.drops_out(node, 1, elapsed_seconds=3600.0) for node in range(50)]
+    at_noon = [clock.drops_out(node, 1, elapsed_seconds=12 * 3600.0) for node in range(50)]
+
+    assert not any(at_night)
+    assert all(at_noon)
+
+
+def test_dropout_rate_matches_availability():
+    clock = PhoneClock(Population(profiles=[_profile(availability=0.8)]), seed=1, local_epochs=1)
+    clock.assign(range(2000))
+
+    dropped = sum(clock.drops_out(node, 4, 0.0) for node in range(2000))
+
+    assert 300 < dropped < 500
+
+
+def test_phones_without_enough_memory_never_take_part():
+    population = Population(profiles=[_profile(memory_mb=512)])
+    clock = PhoneClock(population, seed=0, local_epochs=1, required_memory_mb=1024)
+
+    assert clock.drops_out(1, 1, 0.0)
+
+
+PROFILE_FILE = """
+[[profiles]]
+name = "budget"
+weight = 1
+train_samples_per_second = 300
+memory_mb = 1024
+downlink_mbps = 10
+uplink_mbps = {uplink}
+availability = 0.9
+"""
+
+
+def test_profile_file_loads(tmp_path):
+    path = tmp_path / "phones.toml"
+    path.write_text(PROFILE_FILE.format(uplink="3.5"))
+
+    population = load_population(path)
+
+    assert population.profiles[0].uplink_mbps == 3.5
+
+
+def test_profile_file_with_a_negative_value_names_the_field(tmp_path):
+    path = tmp_path / "phones.toml"
+    path.write_text(PROFILE_FILE.format(uplink="-2"))
+
+    with pytest.raises(ValueError, match=r"profiles\[0\]\.uplink_mbps: .*greater than 0 \(got -2\)"):
+        load_population(path)
+
+
+def test_profile_file_with_a_missing_value_names_the_field(tmp_path):
+    path = tmp_path / "phones.toml"
+    path.write_text(PROFILE_FILE.format(uplink="1").replace("memory_mb = 1024\n", ""))
+
+    with pytest.raises(ValueError, match=r"profiles\[0\]\.memory_mb: missing"):
+        load_population(path)
+
+
+def test_profile_file_with_a_bad_hourly_availability_names_the_field(tmp_path):
+    path = tmp_path / "phones.toml"
+    path.write_text(PROFILE_FILE.format(uplink="1").replace("availability = 0.9", "availability = [0.5, 0.5]"))
+
+    with pytest.raises(ValueError, match=r"profiles\[0\]\.availability: needs one value per hour"):
+        load_population(path)
