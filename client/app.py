@@ -113,7 +113,9 @@ def _client_arrays(context: Context, instructions: RoundInstructions) -> ClientA
         instructions.held_out_people, instructions.seed, instructions.cache_dir or None
     )
     return federation.client_arrays(
-        int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        int(context.node_config["partition-id"]),
+        int(context.node_config["num-partitions"]),
+        instructions.partitioning,
     )
 
 

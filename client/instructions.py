@@ -24,6 +24,7 @@ class RoundInstructions(BaseModel):
     held_out_people: int = Field(ge=1)
     seed: int = Field(ge=0)
     cache_dir: str = ""
+    partitioning: str = "people"
 
     @field_validator("compression")
     @classmethod

@@ -8,9 +8,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pocketfl.compression import parse_compression_spec
+from pocketfl.tasks.har.virtual_phones import parse_partitioning
 
 # HAPT has 30 people; the server keeps some of them for central evaluation.
 NUM_PEOPLE = 30
+
+# Virtual phones beyond one per person (partitioning other than "people").
+MAX_VIRTUAL_PHONES = 10_000
 
 
 def _kebab_case(name: str) -> str:
@@ -38,8 +42,18 @@ class RunConfig(BaseModel):
     num_clients: int | None = Field(
         None,
         ge=2,
-        le=NUM_PEOPLE - 1,
-        description="Simulated phones; default is one per training person.",
+        le=MAX_VIRTUAL_PHONES,
+        description=(
+            "Simulated phones; default is one per training person. More phones than "
+            "people need a partitioning other than 'people'."
+        ),
+    )
+    partitioning: str = Field(
+        "people",
+        description=(
+            "How training windows are split over phones: 'people' (one person per phone), "
+            "'iid', 'dirichlet:ALPHA' (label skew) or 'size:SIGMA' (size skew)."
+        ),
     )
     fraction_train: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of clients sampled each round."
@@ -108,6 +122,11 @@ class RunConfig(BaseModel):
     def _zero_deadline_is_none(cls, value: Any) -> Any:
         # TOML has no null, so Flower's run config writes "no deadline" as 0.
         return None if value in (0, 0.0, "") else value
+
+    @field_validator("partitioning")
+    @classmethod
+    def _check_partitioning(cls, value: str) -> str:
+        return str(parse_partitioning(value))
 
     @field_validator("compression", "downlink_compression")
     @classmethod
@@ -183,13 +202,14 @@ def load_run_config(
     except ValidationError as error:
         raise ValueError(describe_validation_error(error, option_names)) from None
 
-    if config.resolved_num_clients > config.num_train_people:
+    if config.partitioning == "people" and config.resolved_num_clients > config.num_train_people:
         option = (option_names or {}).get("num_clients", "num-clients")
         raise ValueError(
             f"invalid value {config.resolved_num_clients} for {option}: with "
             f"{config.held_out_people} held-out people there are only "
             f"{config.num_train_people} training people, so use at most "
-            f"{config.num_train_people} clients or hold out fewer people."
+            f"{config.num_train_people} clients, hold out fewer people, or split the "
+            "windows over virtual phones with --partitioning iid, dirichlet:ALPHA or size:SIGMA."
         )
     return config
 

@@ -43,6 +43,9 @@ def run_federation(
     federation = load_federation(
         config.held_out_people, config.seed, str(config.cache_dir) if config.cache_dir else None
     )
+    if config.partitioning != "people" and config.num_clients:
+        # Fails here, before any client trains, when there are too few windows per phone.
+        federation.virtual_phone_rows(config.partitioning, config.num_clients)
     model = build_model(seed=config.seed)
     x_held_out, y_held_out = federation.held_out_arrays()
     report = _new_report(config, federation, model)
@@ -122,6 +125,7 @@ def _instructions(config: RunConfig) -> ConfigRecord:
         held_out_people=config.held_out_people,
         seed=config.seed,
         cache_dir=str(config.cache_dir or ""),
+        partitioning=config.partitioning,
     ).to_config_record()
 
 

@@ -53,6 +53,15 @@ def simulate(
     local_epochs: Annotated[int, typer.Option(help="Local passes over the data per round.")] = 2,
     learning_rate: Annotated[float, typer.Option(help="Client SGD learning rate.")] = 0.05,
     batch_size: Annotated[int, typer.Option(help="Client mini-batch size.")] = 32,
+    partitioning: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "Split of the training windows over phones: 'people' (one person per phone), "
+                "or virtual phones: 'iid', 'dirichlet:ALPHA' (label skew), 'size:SIGMA' (size skew)."
+            )
+        ),
+    ] = "people",
     fraction_train: Annotated[
         float, typer.Option(help="Share of clients sampled each round, in (0, 1].")
     ] = 1.0,
@@ -104,6 +113,7 @@ def simulate(
                 "learning_rate": learning_rate,
                 "batch_size": batch_size,
                 "fraction_train": fraction_train,
+                "partitioning": partitioning,
                 "held_out_people": held_out_people,
                 "seed": seed,
                 "run_name": name,
@@ -187,22 +197,32 @@ def _print_summary(report: Report) -> None:
     # table fits 80 columns. The float32 sizes are left to the report, which
     # contains exact byte counts; "ratio" is the uplink's.
     table = Table(title=f"run {report.run_name}", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("round", "accuracy", "loss", "clients", "up kB", "ratio", "down kB", "down ratio"):
+    simulated = any(record.simulated_seconds > 0 for record in report.rounds)
+    # With simulated phones, the loss and downlink ratio give way to the
+    # simulated seconds and the dropped/late phones; the report has them all.
+    columns = ["round", "accuracy", "loss", "clients", "up kB", "ratio", "down kB", "down ratio"]
+    if simulated:
+        columns = columns[:2] + columns[3:7] + ["sim s", "drop/late"]
+    for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
     for record in report.rounds:
         downlink_ratio = None
         if record.downlink_payload_bytes:
             downlink_ratio = record.downlink_float32_bytes / record.downlink_payload_bytes
-        table.add_row(
+        cells = [
             str(record.round),
-            f"{record.accuracy:.4f}",
+            f"{record.accuracy:.4f}" + (" failed" if record.failed else ""),
             f"{record.loss:.4f}",
             f"{record.clients}/{record.sampled_clients}",
             f"{record.uplink_bytes / 1000:,.1f}",
             _ratio_text(record.compression_ratio),
             f"{record.downlink_bytes / 1000:,.1f}",
             _ratio_text(downlink_ratio),
-        )
+        ]
+        if simulated:
+            cells = cells[:2] + cells[3:7]
+            cells += [f"{record.simulated_seconds:,.2f}", f"{record.dropped_clients}/{record.late_clients}"]
+        table.add_row(*cells)
     console.print(table)
 
     summary = report.summary
@@ -216,6 +236,12 @@ def _print_summary(report: Report) -> None:
             f"{_ratio_text(summary.downlink_compression_ratio)}",
             highlight=False,
         )
+        if simulated:
+            console.print(
+                f"simulated phone time {summary.total_simulated_seconds:,.1f} s, "
+                f"failed rounds {summary.failed_rounds}",
+                highlight=False,
+            )
 
 
 def _ratio_text(ratio: float | None) -> str:

@@ -1,13 +1,14 @@
 """HAR prepared for federated learning: normalized windows, people split, per-client arrays."""
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .data import load_har_windows
 from .partition import PeopleSplit, local_eval_mask, people_for_partition, split_people
+from .virtual_phones import local_eval_rows, parse_partitioning, partition_rows
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,25 @@ class HarFederation:
     person: np.ndarray
     local_eval: np.ndarray
     split: PeopleSplit
+    seed: int = 0
+    # Rows of each virtual phone by (partitioning, number of phones): splitting
+    # a thousand phones takes about a second, and each Ray worker reuses it.
+    _virtual_rows: dict[tuple[str, int], list[np.ndarray]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
-    def client_arrays(self, partition_id: int, num_partitions: int) -> ClientArrays:
-        """Return the windows of the people that client `partition_id` holds."""
+    def client_arrays(
+        self, partition_id: int, num_partitions: int, partitioning: str = "people"
+    ) -> ClientArrays:
+        """Return the windows that client `partition_id` holds.
+
+        With "people", a client holds whole people; otherwise it is a virtual
+        phone with a share of the training people's windows (see
+        `virtual_phones`).
+        """
+        if partitioning != "people":
+            return self._virtual_phone_arrays(partition_id, num_partitions, partitioning)
+
         people = people_for_partition(self.split.train_people, partition_id, num_partitions)
         mine = np.isin(self.person, people)
         train_rows = mine & ~self.local_eval
@@ -42,6 +59,32 @@ class HarFederation:
             x_eval=self.x[eval_rows],
             y_eval=self.y[eval_rows],
         )
+
+    def _virtual_phone_arrays(
+        self, partition_id: int, num_partitions: int, partitioning: str
+    ) -> ClientArrays:
+        rows = self.virtual_phone_rows(partitioning, num_partitions)[partition_id]
+        train_rows, eval_rows = local_eval_rows(rows)
+        return ClientArrays(
+            x_train=self.x[train_rows],
+            y_train=self.y[train_rows],
+            x_eval=self.x[eval_rows],
+            y_eval=self.y[eval_rows],
+        )
+
+    def virtual_phone_rows(self, partitioning: str, num_partitions: int) -> list[np.ndarray]:
+        """Return the rows of each virtual phone: the training people's windows split by `partitioning`.
+
+        Raises ValueError for an unknown spec or too few windows per phone.
+        """
+        key = (partitioning, num_partitions)
+        if key not in self._virtual_rows:
+            train_rows = np.flatnonzero(np.isin(self.person, self.split.train_people))
+            parts = partition_rows(
+                self.y[train_rows], parse_partitioning(partitioning), num_partitions, self.seed
+            )
+            self._virtual_rows[key] = [train_rows[part] for part in parts]
+        return self._virtual_rows[key]
 
     def held_out_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Return every window of the held-out people, for central evaluation."""
@@ -73,4 +116,6 @@ def load_federation(
         person=windows.person,
         local_eval=local_eval_mask(windows.y, windows.person),
         split=split,
+        seed=seed,
     )
+
