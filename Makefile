@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test sweep schema clean
+.PHONY: install run test sweep compare schema clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test: install
 sweep: install
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/python benchmarks/har_sweep.py --output-dir runs/sweep
+
+# Uncompressed FedAvg against the default compression on simulated phones:
+# writes runs/compare/compare.md and three PNG plots (a few minutes on 2 cores).
+compare: install
+	$(BIN)/pocketfl compare --devices cellular --output-dir runs --name compare
 
 # Regenerate docs/report-schema.json after changing server/report.py.
 schema: install

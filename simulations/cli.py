@@ -1,4 +1,4 @@
-"""The `pocketfl` command line: `pocketfl simulate` runs the HAR federation."""
+"""The `pocketfl` command line: `pocketfl simulate` runs the HAR federation, `pocketfl compare` compares codecs."""
 
 import logging
 from pathlib import Path
@@ -166,6 +166,95 @@ def simulate(
 
     _print_summary(report)
     console.print(f"wrote {REPORT_FILE}, {ROUNDS_FILE} and {MODEL_FILE} in {config.run_dir}", highlight=False)
+
+
+@cli.command()
+def compare(
+    compression: Annotated[
+        list[str],
+        typer.Option(help="Uplink pipeline to compare with FedAvg; repeat for several."),
+    ] = ["topk:0.01,q:8"],  # noqa: B006 - typer reads list defaults
+    downlink: Annotated[
+        str, typer.Option(help="Downlink pipeline of the compressed runs (FedAvg sends float32).")
+    ] = "q:8",
+    devices: Annotated[
+        str,
+        typer.Option(help="Phone population: 'default', 'cellular' or a TOML profile file."),
+    ] = "default",
+    target_accuracy: Annotated[
+        float, typer.Option(help="Held-out accuracy whose time to reach is compared, in (0, 1].")
+    ] = 0.85,
+    rounds: Annotated[int, typer.Option(help="Federated rounds per run (1 to 1000).")] = 20,
+    clients: Annotated[
+        int | None, typer.Option(help="Simulated phones; default one per training person.")
+    ] = None,
+    partitioning: Annotated[
+        str, typer.Option(help="'people', 'iid', 'dirichlet:ALPHA' or 'size:SIGMA'.")
+    ] = "people",
+    fraction_train: Annotated[
+        float, typer.Option(help="Share of phones whose reports each round needs, in (0, 1].")
+    ] = 1.0,
+    over_selection: Annotated[float, typer.Option(help="Phones sampled per report needed.")] = 1.0,
+    round_deadline: Annotated[
+        float | None, typer.Option(help="Simulated seconds after which a report is late.")
+    ] = None,
+    min_reports: Annotated[int, typer.Option(help="Reports a round needs to count.")] = 1,
+    local_epochs: Annotated[int, typer.Option(help="Local passes over the data per round.")] = 2,
+    start_hour: Annotated[float, typer.Option(help="Hour of the simulated day at round 1.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed shared by every run.")] = 0,
+    name: Annotated[str, typer.Option(help="Comparison name; results go to OUTPUT_DIR/NAME/.")] = "compare",
+    output_dir: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
+    cache_dir: Annotated[Path | None, typer.Option(help="HAR cache folder.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    """Run uncompressed FedAvg and compression pipelines on the same phones; write a table and plots."""
+    try:
+        population = resolve_devices(devices)
+        if not 0.0 < target_accuracy <= 1.0:
+            raise ValueError(f"invalid value {target_accuracy} for --target-accuracy: use a value in (0, 1]")
+        base = load_run_config(
+            {
+                "num_server_rounds": rounds,
+                "num_clients": clients,
+                "partitioning": partitioning,
+                "downlink_compression": downlink,
+                "fraction_train": fraction_train,
+                "over_selection": over_selection,
+                "round_deadline": round_deadline,
+                "min_reports": min_reports,
+                "local_epochs": local_epochs,
+                "seed": seed,
+                "run_name": name,
+                "output_dir": output_dir,
+                "cache_dir": cache_dir,
+            },
+            OPTION_NAMES,
+        )
+        for pipeline in compression:
+            load_run_config({"compression": pipeline}, OPTION_NAMES)
+        prepare_folders(base, OPTION_NAMES)
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(code=2) from None
+
+    # Flower configures its logger when imported, so logging is set up after it.
+    from pocketfl.simulations.compare import PLOT_FILES, TABLE_FILE, markdown_table
+    from pocketfl.simulations.compare import compare as run_comparison
+
+    _configure_logging(verbose)
+    runs = run_comparison(
+        base,
+        compression,
+        population,
+        target_accuracy,
+        start_hour,
+        on_start=lambda label: console.print(f"running {label}", highlight=False),
+    )
+    console.print(markdown_table(runs, target_accuracy), highlight=False, markup=False, soft_wrap=True)
+    console.print(
+        f"wrote {TABLE_FILE}, {', '.join(PLOT_FILES.values())} and one folder per run in {base.run_dir}",
+        highlight=False,
+    )
 
 
 def resolve_devices(devices: str | None) -> Population | None:
