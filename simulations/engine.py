@@ -5,11 +5,12 @@ import os
 
 from flwr.simulation import run_simulation
 
-from pocketfl.client.app import app as client_app
+from pocketfl.client.app import build_client_app
 from pocketfl.server.app import build_server_app
-from pocketfl.server.config import RunConfig
+from pocketfl.server.config import RunConfig, resolve_num_clients
 from pocketfl.server.federation import RoundCallback
 from pocketfl.server.report import REPORT_FILE, Report, read_report
+from pocketfl.tasks.base import TaskFactory, resolve_task
 
 from .clock import PhoneClock
 from .profiles import Population
@@ -35,11 +36,13 @@ def backend_config(num_cpus: int | None = None) -> dict:
 def simulate(
     config: RunConfig,
     on_round: RoundCallback | None = None,
+    task_factory: TaskFactory | None = None,
     population: Population | None = None,
     start_hour: float = 0.0,
 ) -> Report:
     """Run `config` with one simulated SuperNode per client and return the report.
 
+    The task is `task_factory` when given, else the one `config.task` names.
     With a `population`, each node is a phone from it and rounds run on the
     simulated clock (deadline, dropouts, over-selection from `config`).
     """
@@ -49,7 +52,8 @@ def simulate(
     # is what it will do by default and what silences its FutureWarning.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
-    num_clients = config.resolved_num_clients
+    task_factory = task_factory or resolve_task(config.task)
+    num_clients = resolve_num_clients(config, task_factory)
     config = config.model_copy(update={"num_clients": num_clients})
     logger.info("simulating %d clients for %d rounds", num_clients, config.num_server_rounds)
 
@@ -57,8 +61,10 @@ def simulate(
     # It is still the in-process entry to the same Simulation Engine, and the
     # only one that needs no SuperLink process and can report progress here.
     run_simulation(
-        server_app=build_server_app(config, on_round, phone_clock(config, population, start_hour)),
-        client_app=client_app,
+        server_app=build_server_app(
+            config, on_round, task_factory, phone_clock(config, population, start_hour)
+        ),
+        client_app=build_client_app(task_factory),
         num_supernodes=num_clients,
         backend_config=backend_config(),
     )

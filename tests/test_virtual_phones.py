@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pocketfl.tasks.har.virtual_phones import (
-    MIN_WINDOWS_PER_PHONE,
+from pocketfl.tasks.partitioning import (
+    MIN_EXAMPLES_PER_PHONE,
     local_eval_rows,
     parse_partitioning,
     partition_rows,
@@ -21,7 +21,7 @@ def test_every_window_goes_to_one_phone(spec):
     rows = np.concatenate(parts)
     assert len(rows) == len(LABELS)
     assert len(np.unique(rows)) == len(LABELS)
-    assert min(len(part) for part in parts) >= MIN_WINDOWS_PER_PHONE
+    assert min(len(part) for part in parts) >= MIN_EXAMPLES_PER_PHONE
 
 
 def test_partitions_repeat_with_seed():

@@ -6,19 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pocketfl.tasks.base import ClientData
+from pocketfl.tasks.partitioning import local_eval_rows, parse_partitioning, partition_rows
+
 from .data import load_har_windows
 from .partition import PeopleSplit, local_eval_mask, people_for_partition, split_people
-from .virtual_phones import local_eval_rows, parse_partitioning, partition_rows
-
-
-@dataclass(frozen=True)
-class ClientArrays:
-    """One client's local training and local evaluation windows."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_eval: np.ndarray
-    y_eval: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -39,12 +31,12 @@ class HarFederation:
 
     def client_arrays(
         self, partition_id: int, num_partitions: int, partitioning: str = "people"
-    ) -> ClientArrays:
+    ) -> ClientData:
         """Return the windows that client `partition_id` holds.
 
         With "people", a client holds whole people; otherwise it is a virtual
         phone with a share of the training people's windows (see
-        `virtual_phones`).
+        `pocketfl.tasks.partitioning`).
         """
         if partitioning != "people":
             return self._virtual_phone_arrays(partition_id, num_partitions, partitioning)
@@ -53,7 +45,7 @@ class HarFederation:
         mine = np.isin(self.person, people)
         train_rows = mine & ~self.local_eval
         eval_rows = mine & self.local_eval
-        return ClientArrays(
+        return ClientData(
             x_train=self.x[train_rows],
             y_train=self.y[train_rows],
             x_eval=self.x[eval_rows],
@@ -62,10 +54,10 @@ class HarFederation:
 
     def _virtual_phone_arrays(
         self, partition_id: int, num_partitions: int, partitioning: str
-    ) -> ClientArrays:
+    ) -> ClientData:
         rows = self.virtual_phone_rows(partitioning, num_partitions)[partition_id]
         train_rows, eval_rows = local_eval_rows(rows)
-        return ClientArrays(
+        return ClientData(
             x_train=self.x[train_rows],
             y_train=self.y[train_rows],
             x_eval=self.x[eval_rows],

@@ -1,23 +1,24 @@
-"""Split the training people's windows over many virtual phones with flwr-datasets partitioners.
+"""Split a data set over many virtual phones with flwr-datasets partitioners.
 
-HAPT has 30 people, so one phone per person stops at 30 phones. To simulate
-hundreds or thousands of phones, the training people's windows are pooled and
-split by a partitioner from flwr-datasets:
+A task whose data has natural owners (HAR: people) gives each phone one
+owner, which caps the phones at the number of owners. To simulate hundreds
+or thousands of phones, a task can pool its training examples and split them
+by one of these specs:
 
 | spec | partitioner | skew |
 | --- | --- | --- |
-| `people` | none: one person per phone (round-robin if fewer phones) | natural |
+| `people` | none: the task's own split by owner | natural |
 | `iid` | `IidPartitioner` | none |
 | `dirichlet:ALPHA` | `InnerDirichletPartitioner` by label, equal sizes | label skew, stronger for small ALPHA |
 | `size:SIGMA` | `SizePartitioner`, sizes log-normal with shape SIGMA | size skew |
 
 `DirichletPartitioner` is not used for label skew: with a thousand phones
-and a few windows each, its rejection sampling for a minimum phone size fails
-after its 10 attempts (flwr-datasets 0.6.1). The inner variant fixes the
-sizes and draws each phone's label mix from Dirichlet(ALPHA).
+and a few examples each, its rejection sampling for a minimum phone size
+fails after its 10 attempts (flwr-datasets 0.6.1). The inner variant fixes
+the sizes and draws each phone's label mix from Dirichlet(ALPHA).
 
-Within each virtual phone, the last `LOCAL_EVAL_FRACTION` of its windows in
-recording order are its local evaluation split, as for people.
+Within each virtual phone, the last `LOCAL_EVAL_FRACTION` of its examples in
+data set order are its local evaluation split.
 """
 
 import re
@@ -25,10 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .partition import LOCAL_EVAL_FRACTION
+# Share of each phone's examples kept for its local evaluation, the latest in
+# data set order (HAR: in recording order, as for people).
+LOCAL_EVAL_FRACTION = 0.2
 
-# Each virtual phone gets at least one window to train on and one to evaluate.
-MIN_WINDOWS_PER_PHONE = 2
+# Each virtual phone gets at least one example to train on and one to evaluate.
+MIN_EXAMPLES_PER_PHONE = 2
 
 _SPEC = re.compile(r"^(people|iid|dirichlet:(?P<alpha>[0-9.eE+-]+)|size:(?P<sigma>[0-9.eE+-]+))$")
 
@@ -71,16 +74,16 @@ def partition_rows(
 ) -> list[np.ndarray]:
     """Return, for each of `num_partitions` phones, the sorted indices into `labels` it holds.
 
-    Raises ValueError when there are too few windows for each phone to hold
-    `MIN_WINDOWS_PER_PHONE`.
+    Raises ValueError when there are too few examples for each phone to hold
+    `MIN_EXAMPLES_PER_PHONE`.
     """
     if partitioning.kind == "people":
         raise ValueError("'people' partitioning splits by person; use people_for_partition")
-    if len(labels) < MIN_WINDOWS_PER_PHONE * num_partitions:
+    if len(labels) < MIN_EXAMPLES_PER_PHONE * num_partitions:
         raise ValueError(
-            f"{len(labels)} training windows cannot give {num_partitions} phones "
-            f"{MIN_WINDOWS_PER_PHONE} windows each; simulate at most "
-            f"{len(labels) // MIN_WINDOWS_PER_PHONE} phones"
+            f"{len(labels)} training examples cannot give {num_partitions} phones "
+            f"{MIN_EXAMPLES_PER_PHONE} examples each; simulate at most "
+            f"{len(labels) // MIN_EXAMPLES_PER_PHONE} phones"
         )
 
     # Imported here because `datasets` takes about a second to import and the
@@ -102,7 +105,7 @@ def partition_rows(
         partitioner = SizePartitioner(partition_sizes=sizes)
 
     # The partitioners split a Hugging Face Dataset. Only the labels and each
-    # window's row go into it, never the windows themselves.
+    # example's row go into it, never the inputs themselves.
     order = np.random.default_rng(seed).permutation(len(labels))
     partitioner.dataset = Dataset.from_dict(
         {"label": labels[order].tolist(), "row": order.tolist()}
@@ -127,9 +130,9 @@ def _equal_sizes(total: int, num_partitions: int) -> list[int]:
 def _log_normal_sizes(total: int, num_partitions: int, sigma: float, seed: int) -> list[int]:
     """Draw phone sizes from a log-normal with shape `sigma`, each >= the minimum, summing to `total`."""
     weights = np.random.default_rng(seed).lognormal(mean=0.0, sigma=sigma, size=num_partitions)
-    spare = total - MIN_WINDOWS_PER_PHONE * num_partitions
+    spare = total - MIN_EXAMPLES_PER_PHONE * num_partitions
     extra = np.floor(weights / weights.sum() * spare).astype(int)
-    # Hand the rounding leftovers to the largest phones, one window each.
+    # Hand the rounding leftovers to the largest phones, one example each.
     leftover = spare - int(extra.sum())
     extra[np.argsort(-weights)[:leftover]] += 1
-    return [int(size) for size in extra + MIN_WINDOWS_PER_PHONE]
+    return [int(size) for size in extra + MIN_EXAMPLES_PER_PHONE]
