@@ -78,14 +78,15 @@ class Population(BaseModel):
         return profiles
 
 
-# Training throughput of the HAR model (32,230 parameters, batch 32, SGD) on one
-# x86 server core, measured with benchmarks/device_speed.py: about 2,400
-# samples per second. Phone cores are slower; the factors below are our own
-# estimates (a flagship big core close to a server core, a mid-range one about
-# half, a low-end little core about a fifth), not measurements.
-_HIGH_END_SAMPLES_PER_SECOND = 2400.0
-_MID_RANGE_SAMPLES_PER_SECOND = 1200.0
-_LOW_END_SAMPLES_PER_SECOND = 480.0
+# Training throughput of the HAR model (32,230 parameters, batch 32, SGD) on
+# one core of a 2-core AMD EPYC virtual machine: at most 1,965 samples per
+# second in 5 runs of benchmarks/device_speed.py (the machine was shared, so
+# the median was 1,301). Phone cores are slower. The factors below are our
+# own estimates, not measurements: a flagship big core about that fast, a
+# mid-range core about half, a low-end little core about a fifth.
+_HIGH_END_SAMPLES_PER_SECOND = 2000.0
+_MID_RANGE_SAMPLES_PER_SECOND = 1000.0
+_LOW_END_SAMPLES_PER_SECOND = 400.0
 
 # Availability: the share of sampled phones that stay idle, charging and on
 # an unmetered network until they report. Bonawitz et al., "Towards Federated
