@@ -15,6 +15,9 @@ from pocketfl.tasks.har.training import train as train_model
 
 from .downlink import receive_model
 from .instructions import RoundInstructions
+from .node_data import node_partition
+from .policy import training_decline_reason
+from .residual_store import load_residual, residual_path, save_residual
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +26,9 @@ RESIDUAL_KEY = "residual"
 # Error code of a reply whose downlink did not decode. Flower's own codes end
 # at 8; the server treats any error reply the same way.
 DOWNLINK_DECODE_ERROR = 100
+
+# Temporary error code of a train request declined by the device policy.
+DEVICE_POLICY_DECLINE = 101
 
 # A phone trains on one core; in simulation, each Ray worker gets one CPU.
 TORCH_THREADS = 1
@@ -39,6 +45,10 @@ def train(msg: Message, context: Context) -> Message:
     dropped) lives in `context.state`, which Flower keeps for this node across
     rounds. A downlink that does not decode gets an error reply.
     """
+    decline = training_decline_reason(context.node_config)
+    if decline is not None:
+        return _decline(msg, decline)
+
     torch.set_num_threads(TORCH_THREADS)
     instructions = RoundInstructions.from_config_record(msg.content["config"])
     model = build_model()
@@ -48,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
         return _downlink_error(msg, error)
 
     data = _client_arrays(context, instructions)
-    partition_id = int(context.node_config["partition-id"])
+    partition_id, _ = _partition(context, instructions)
     global_state = {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()}
 
     seed = _round_seed(instructions, partition_id)
@@ -112,9 +122,14 @@ def _client_arrays(context: Context, instructions: RoundInstructions) -> ClientA
     federation = load_federation(
         instructions.held_out_people, instructions.seed, instructions.cache_dir or None
     )
-    return federation.client_arrays(
-        int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    return federation.client_arrays(*_partition(context, instructions))
+
+
+def _partition(context: Context, instructions: RoundInstructions) -> tuple[int, int]:
+    federation = load_federation(
+        instructions.held_out_people, instructions.seed, instructions.cache_dir or None
     )
+    return node_partition(context.node_config, federation.split.train_people)
 
 
 def _round_seed(instructions: RoundInstructions, partition_id: int) -> int:
@@ -133,13 +148,25 @@ def _encode(
     if not instructions.error_feedback:
         return codec.encode(delta, seed)
 
+    stored_at = residual_path(context.node_config)
     residual = None
-    if RESIDUAL_KEY in context.state.array_records:
+    if stored_at is not None:
+        residual = load_residual(stored_at, {name: values.shape for name, values in delta.items()})
+    elif RESIDUAL_KEY in context.state.array_records:
         residual = {
             name: array.numpy() for name, array in context.state.array_records[RESIDUAL_KEY].items()
         }
     payload, residual = encode_with_error_feedback(codec, delta, residual, seed)
 
     # Error feedback costs one extra float32 copy of the model per client.
-    context.state[RESIDUAL_KEY] = ArrayRecord({name: Array(values) for name, values in residual.items()})
+    if stored_at is not None:
+        save_residual(stored_at, residual)
+    else:
+        context.state[RESIDUAL_KEY] = ArrayRecord({name: Array(values) for name, values in residual.items()})
     return payload
+
+
+def _decline(msg: Message, reason: str) -> Message:
+    # TODO: reply through the shared decline contract once it is on this branch.
+    logger.info("declining to train: %s", reason)
+    return Message(Error(code=DEVICE_POLICY_DECLINE, reason=reason), reply_to=msg)
