@@ -166,7 +166,8 @@ def test_server_killed_resumes(deployment, tmp_path):
 
 def test_killed_supernode_costs_one_report(deployment, tmp_path):
     deployment.register("n4")
-    extra = deployment.start_supernode("n4", "person-id=3")
+    # Person 4 trains under seed 0; the node reads only its own recordings.
+    extra = deployment.start_supernode("n4", "person-id=4")
     deployment.wait_for_nodes(4)
     run_dir = tmp_path / "node-lost"
     run = deployment.start(
