@@ -1,5 +1,6 @@
 """The Flower ClientApp that runs on each phone: train locally, send a compressed update."""
 
+import functools
 import logging
 
 import numpy as np
@@ -8,14 +9,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from pocketfl.compression import DecodeError, UpdateCodec, encode_with_error_feedback
-from pocketfl.tasks.har.federation import ClientArrays, load_federation
-from pocketfl.tasks.har.model import build_model
-from pocketfl.tasks.har.training import evaluate as evaluate_model
-from pocketfl.tasks.har.training import train as train_model
+from pocketfl.tasks.base import ClientData, Task, TaskFactory, TaskSettings
+from pocketfl.tasks.har.task import HarTask
 
+from .decline import decline_reply
 from .downlink import receive_model
 from .instructions import RoundInstructions
-from .node_data import node_partition
 from .policy import training_decline_reason
 from .residual_store import load_residual, residual_path, save_residual
 
@@ -27,50 +26,65 @@ RESIDUAL_KEY = "residual"
 # at 8; the server treats any error reply the same way.
 DOWNLINK_DECODE_ERROR = 100
 
-# Temporary error code of a train request declined by the device policy.
-DEVICE_POLICY_DECLINE = 101
+# Error code of a reply to a round of another task than this phone's.
+WRONG_TASK_ERROR = 101
 
 # A phone trains on one core; in simulation, each Ray worker gets one CPU.
 TORCH_THREADS = 1
 
-app = ClientApp()
+
+def build_client_app(task_factory: TaskFactory) -> ClientApp:
+    """Return a ClientApp that trains the task `task_factory` builds.
+
+    The phone builds its task from the run's seed and cache folder, once per
+    process, and answers only rounds of that task.
+    """
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        """Train on local data and reply with the encoded update `local - global`."""
+        return train_round(task_factory, msg, context)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Evaluate the model rebuilt from the downlink on this phone's local evaluation split."""
+        return evaluate_round(task_factory, msg, context)
+
+    return client_app
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def train_round(task_factory: TaskFactory, msg: Message, context: Context) -> Message:
     """Train on local data and reply with the encoded update `local - global`.
 
     "global" is the model this client rebuilt from the downlink, the one it
     trained from. With error feedback on, the residual (what the encoding
     dropped) lives in `context.state`, which Flower keeps for this node across
-    rounds. A downlink that does not decode gets an error reply.
+    rounds, or in the node config's `state-dir` on a device. A downlink that
+    does not decode gets an error reply; a phone that the device policy keeps
+    from training declines.
     """
     decline = training_decline_reason(context.node_config)
     if decline is not None:
-        return _decline(msg, decline)
+        return decline_reply(msg, decline)
 
     torch.set_num_threads(TORCH_THREADS)
     instructions = RoundInstructions.from_config_record(msg.content["config"])
-    model = build_model()
+    task = _task(task_factory, instructions.task_settings())
+    if task.name != instructions.task:
+        return _wrong_task(msg, task, instructions)
+
+    model = task.build_model()
     try:
         _load_downlink(model, msg, context)
     except DecodeError as error:
         return _downlink_error(msg, error)
 
-    data = _client_arrays(context, instructions)
-    partition_id, _ = _partition(context, instructions)
+    data = _client_data(task, context)
     global_state = {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()}
 
-    seed = _round_seed(instructions, partition_id)
-    result = train_model(
-        model,
-        data.x_train,
-        data.y_train,
-        epochs=instructions.local_epochs,
-        learning_rate=instructions.learning_rate,
-        batch_size=instructions.batch_size,
-        seed=seed,
-    )
+    seed = _round_seed(instructions, context)
+    result = task.train(model, data, instructions.train_settings(seed))
 
     delta = {
         name: tensor.numpy() - global_state[name] for name, tensor in model.state_dict().items()
@@ -89,22 +103,40 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the model rebuilt from the downlink on this client's local evaluation split."""
+def evaluate_round(task_factory: TaskFactory, msg: Message, context: Context) -> Message:
+    """Evaluate the model rebuilt from the downlink on this phone's local evaluation split."""
     torch.set_num_threads(TORCH_THREADS)
     instructions = RoundInstructions.from_config_record(msg.content["config"])
-    model = build_model()
+    task = _task(task_factory, instructions.task_settings())
+    if task.name != instructions.task:
+        return _wrong_task(msg, task, instructions)
+
+    model = task.build_model()
     try:
         _load_downlink(model, msg, context)
     except DecodeError as error:
         return _downlink_error(msg, error)
 
-    data = _client_arrays(context, instructions)
-    loss, accuracy = evaluate_model(model, data.x_eval, data.y_eval)
+    data = _client_data(task, context)
+    loss, accuracy = task.evaluate(model, data.x_eval, data.y_eval)
 
     metrics = MetricRecord({"num-examples": len(data.y_eval), "loss": loss, "accuracy": accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@functools.lru_cache(maxsize=4)
+def _task(task_factory: TaskFactory, settings: TaskSettings) -> Task:
+    # A task may load its data when built; one instance per process serves every round.
+    return task_factory(settings)
+
+
+def _wrong_task(msg: Message, task: Task, instructions: RoundInstructions) -> Message:
+    reason = (
+        f"this phone runs task '{task.name}' but the server sent a round of task "
+        f"'{instructions.task}'; start the SuperNode with the ClientApp of that task"
+    )
+    logger.warning("%s", reason)
+    return Message(Error(code=WRONG_TASK_ERROR, reason=reason), reply_to=msg)
 
 
 def _load_downlink(model: torch.nn.Module, msg: Message, context: Context) -> None:
@@ -118,23 +150,15 @@ def _downlink_error(msg: Message, error: DecodeError) -> Message:
     return Message(Error(code=DOWNLINK_DECODE_ERROR, reason=f"downlink did not decode: {error}"), reply_to=msg)
 
 
-def _client_arrays(context: Context, instructions: RoundInstructions) -> ClientArrays:
-    federation = load_federation(
-        instructions.held_out_people, instructions.seed, instructions.cache_dir or None
-    )
-    return federation.client_arrays(*_partition(context, instructions))
+def _client_data(task: Task, context: Context) -> ClientData:
+    return task.client_data(context.node_config)
 
 
-def _partition(context: Context, instructions: RoundInstructions) -> tuple[int, int]:
-    federation = load_federation(
-        instructions.held_out_people, instructions.seed, instructions.cache_dir or None
-    )
-    return node_partition(context.node_config, federation.split.train_people)
-
-
-def _round_seed(instructions: RoundInstructions, partition_id: int) -> int:
-    # One stream per (run seed, round, client): reruns with one seed give the same bytes.
-    sequence = np.random.SeedSequence([instructions.seed, instructions.server_round, partition_id])
+def _round_seed(instructions: RoundInstructions, context: Context) -> int:
+    # One stream per (run seed, round, phone): reruns with one seed give the
+    # same bytes. Simulated node ids change between runs, partition ids do not.
+    phone = int(context.node_config.get("partition-id", context.node_id))
+    sequence = np.random.SeedSequence([instructions.seed, instructions.server_round, phone])
     return int(sequence.generate_state(1)[0])
 
 
@@ -166,7 +190,5 @@ def _encode(
     return payload
 
 
-def _decline(msg: Message, reason: str) -> Message:
-    # TODO: reply through the shared decline contract once it is on this branch.
-    logger.info("declining to train: %s", reason)
-    return Message(Error(code=DEVICE_POLICY_DECLINE, reason=reason), reply_to=msg)
+# The HAR ClientApp that `flwr run` and `pocketfl simulate` start by default.
+app = build_client_app(HarTask)

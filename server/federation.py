@@ -11,9 +11,7 @@ from flwr.serverapp import Grid
 
 from pocketfl.client.instructions import RoundInstructions
 from pocketfl.strategies import CompressedFedAvg
-from pocketfl.tasks.har.federation import HarFederation, load_federation
-from pocketfl.tasks.har.model import build_model
-from pocketfl.tasks.har.training import evaluate
+from pocketfl.tasks.base import Task, TaskFactory
 
 from .checkpoint import Checkpoint, capture_rng_state, save_checkpoint
 from .config import RunConfig, prepare_folders
@@ -29,23 +27,25 @@ RoundCallback = Callable[[RoundRecord], None]
 
 
 def run_federation(
-    grid: Grid, config: RunConfig, on_round: RoundCallback | None = None
+    grid: Grid,
+    config: RunConfig,
+    task_factory: TaskFactory,
+    on_round: RoundCallback | None = None,
 ) -> Report:
     """Run `config.num_server_rounds` rounds of compressed FedAvg and write the results.
 
-    After each round the global model is evaluated on the held-out people, the
-    round is appended to the report on disk, a checkpoint is written, and
-    `on_round` is called with the round. With `config.resume`, a run whose
-    server died continues after the last round in its checkpoint.
+    After each round the global model is evaluated on the task's central data
+    (HAR: the held-out people), the round is appended to the report on disk, a
+    checkpoint is written, and `on_round` is called with the round. With
+    `config.resume`, a run whose server died continues after the last round
+    in its checkpoint.
     """
     started = time.perf_counter()
     prepare_folders(config)
-    federation = load_federation(
-        config.held_out_people, config.seed, str(config.cache_dir) if config.cache_dir else None
-    )
-    model = build_model(seed=config.seed)
-    x_held_out, y_held_out = federation.held_out_arrays()
-    report = _new_report(config, federation, model)
+    task = task_factory(config.task_settings)
+    model = task.build_model(seed=config.seed)
+    x_held_out, y_held_out = task.central_data()
+    report = _new_report(config, task, model)
 
     strategy = CompressedFedAvg(
         fraction_train=config.fraction_train,
@@ -75,7 +75,7 @@ def run_federation(
         nonlocal round_started, initial_accuracy
 
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(model, x_held_out, y_held_out)
+        loss, accuracy = task.evaluate(model, x_held_out, y_held_out)
         if server_round == 0:
             initial_accuracy = accuracy
             round_started = time.perf_counter()
@@ -104,7 +104,7 @@ def run_federation(
     final_arrays = initial_arrays
     remaining_rounds = config.num_server_rounds - completed_rounds
     if remaining_rounds > 0:
-        instructions = _instructions(config)
+        instructions = _instructions(config, task)
         result = rounds.start(
             grid=grid,
             initial_arrays=initial_arrays,
@@ -141,9 +141,10 @@ def _save_checkpoint(
     save_checkpoint(checkpoint, config.run_dir)
 
 
-def _instructions(config: RunConfig) -> ConfigRecord:
+def _instructions(config: RunConfig, task: Task) -> ConfigRecord:
     return RoundInstructions(
         server_round=1,
+        task=task.name,
         compression=config.compression,
         error_feedback=config.error_feedback,
         local_epochs=config.local_epochs,
@@ -155,12 +156,14 @@ def _instructions(config: RunConfig) -> ConfigRecord:
     ).to_config_record()
 
 
-def _new_report(config: RunConfig, federation: HarFederation, model: torch.nn.Module) -> Report:
+def _new_report(config: RunConfig, task: Task, model: torch.nn.Module) -> Report:
+    train_people, held_out_people = task.data_owners()
     return Report(
         run_name=config.run_name,
+        task=config.task,
         config=config.model_dump(mode="json", by_alias=True),
-        train_people=list(federation.split.train_people),
-        held_out_people=list(federation.split.held_out_people),
+        train_people=train_people,
+        held_out_people=held_out_people,
         num_parameters=sum(parameter.numel() for parameter in model.parameters()),
     )
 
@@ -177,6 +180,8 @@ def _round_record(
         clients=traffic.clients,
         sampled_clients=traffic.sampled_clients,
         failed_clients=traffic.failed_clients,
+        declined_clients=traffic.declined_clients,
+        decline_reasons=dict(traffic.decline_reasons),
         uplink_bytes=traffic.uplink_bytes,
         uplink_message_bytes=traffic.uplink_message_bytes,
         uplink_float32_bytes=traffic.uplink_float32_bytes,

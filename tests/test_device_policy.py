@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from pocketfl.client.node_data import node_partition
 from pocketfl.client.policy import (
     METERED_NETWORK,
     NOT_CHARGING,
@@ -17,6 +16,7 @@ from pocketfl.client.policy import (
     training_decline_reason,
 )
 from pocketfl.client.residual_store import load_residual, residual_path, save_residual
+from pocketfl.tasks.har.node_data import node_partition
 
 
 def _flags(idle=True, charging=True, unmetered=True):
