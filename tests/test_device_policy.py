@@ -128,3 +128,20 @@ def test_residual_store_drops_torn_file(tmp_path):
 
 def test_residual_store_needs_state_dir():
     assert residual_path({"person-id": 3}) is None
+
+
+def test_train_round_declines_before_training(monkeypatch):
+    from types import SimpleNamespace
+
+    from pocketfl.client import app as client_app
+
+    def fake_reply(msg, reason):
+        return ("declined", msg, reason)
+
+    def no_task(settings):
+        raise AssertionError("a declining phone must not build its task")
+
+    monkeypatch.setattr(client_app, "decline_reply", fake_reply)
+    context = SimpleNamespace(node_config=_flags(charging=False))
+
+    assert client_app.train_round(no_task, "message", context) == ("declined", "message", NOT_CHARGING)
