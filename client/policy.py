@@ -40,7 +40,7 @@ class DeviceStatusError(Exception):
 
 @dataclass(frozen=True)
 class DeviceStatus:
-    """What the embedding app reports about the phone."""
+    """Phone state as the embedding app reports it."""
 
     idle: bool
     charging: bool
@@ -119,8 +119,8 @@ def _read_status_file(path: Path) -> DeviceStatus:
 
 
 def _boolean(value: Any, name: str) -> bool:
-    # JSON and Flower's node config both carry real booleans; a string "true"
-    # is a typo in the app or the command line, and guessing could drain a battery.
+    # JSON and Flower's node config both carry real booleans, so a string
+    # "true" is a typo in the app or the command line. Guessing could drain a battery.
     if not isinstance(value, bool):
         raise DeviceStatusError(f"invalid value {value!r} for {name}: expected true or false")
     return value

@@ -1,8 +1,8 @@
 """Error-feedback residual kept in a folder on the device, so that it outlives a restart.
 
 Flower's `Context.state` lives in the SuperNode process and is lost when the
-app or the phone restarts; the residual then holds updates that the server
-never received. With node config `state-dir`, the client keeps the residual
+app or the phone restarts, and with it the part of past updates that the
+server never received. With node config `state-dir`, the client keeps the residual
 in `<state-dir>/residual.npz` instead, written atomically (temporary file,
 then rename), so a crash leaves the previous residual or the new one.
 """

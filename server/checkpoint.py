@@ -4,7 +4,7 @@ After each completed round the server writes one file, `checkpoint.npz`, into
 the run folder: the global model, the round number, the strategy's state, the
 server's random number generator states and the report so far. The file is
 written to a temporary name, flushed to disk and renamed over the old one, so
-after a crash at any moment the folder holds either the previous checkpoint or
+after a crash at any moment the folder contains either the previous checkpoint or
 the new one, never a torn file.
 
 The format is a NumPy `.npz` archive read with `allow_pickle=False`: arrays

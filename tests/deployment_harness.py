@@ -149,7 +149,7 @@ class Deployment:
         return managed
 
     def start_superlink(self) -> ManagedProcess:
-        """Start the SuperLink with TLS and SuperNode authentication, and wait until it answers."""
+        """Start the SuperLink with TLS and SuperNode authentication, and wait until it accepts requests."""
         command = [
             str(VENV_BIN / "flower-superlink"),
             "--ssl-ca-certfile", str(self.certificates.ca_certificate),
@@ -203,7 +203,7 @@ class Deployment:
 
     def _list_nodes(self) -> list[dict] | None:
         # `flwr supernode ls --format json` exits 0 even when the SuperLink is
-        # unreachable and says so in "success" instead.
+        # unreachable and reports it in "success" instead.
         listing = self.flwr(["supernode", "ls", CONNECTION, "--format", "json"], check=False)
         try:
             document = json.loads(listing.stdout)

@@ -90,7 +90,7 @@ def test_three_rounds_match_simulation(deployment, tmp_path):
     assert [record.round for record in deployed.rounds] == [1, 2, 3]
     assert [record.clients for record in deployed.rounds] == [3, 3, 3]
     # Same data, seeds and global model, so each client sends the same
-    # payload bytes as its simulated twin; replies arrive in another order,
+    # payload bytes as its simulated twin. Replies arrive in another order,
     # but the weighted float64 sum of three float32 updates is exact.
     assert [r.uplink_bytes for r in deployed.rounds] == [r.uplink_bytes for r in simulated.rounds]
     assert [r.uplink_message_bytes for r in deployed.rounds] == [

@@ -1,4 +1,4 @@
-"""Which data a node trains on, from its node config.
+"""Selection of a node's training data from its node config.
 
 In simulation Flower sets `partition-id` and `num-partitions` on each
 simulated node. A deployed phone instead names its own data: for the HAR
@@ -19,8 +19,8 @@ def node_partition(node_config: Mapping[str, Any], train_people: Sequence[int]) 
     """Return (partition_id, num_partitions) of this node, or raise ValueError naming the fix.
 
     `train_people` are the people that train, in the order that the task
-    deals them to partitions; dealing them to one partition each gives the
-    partition of `person-id` its index in that order.
+    deals them to partitions. Dealt one per partition, person `person-id`
+    lands in the partition of its index in that order.
     """
     if PERSON_ID_KEY in node_config:
         person = node_config[PERSON_ID_KEY]
