@@ -110,7 +110,8 @@ class Deployment:
 
     def __post_init__(self) -> None:
         self.certificates = create_certificates(self.root / "certificates", "127.0.0.1")
-        self.keys = {files.name: files for files in create_node_keys(self.root / "keys", ["n1", "n2", "n3", "n4", "rogue"])}
+        node_keys = create_node_keys(self.root / "keys", ["n1", "n2", "n3", "n4", "rogue"])
+        self.keys = {files.name: files for files in node_keys}
         self.flwr_home = self.root / "flwr-home"
         self.flwr_home.mkdir()
         (self.root / "home").mkdir()

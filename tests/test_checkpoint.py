@@ -21,6 +21,7 @@ from pocketfl.server.checkpoint import (
 from pocketfl.server.config import load_run_config
 from pocketfl.server.report import Report, RoundRecord
 from pocketfl.server.resume import prepare_resume
+from pocketfl.server.rounds import ContinuedRounds
 from pocketfl.strategies import CompressedFedAvg
 
 
@@ -186,3 +187,62 @@ def test_resume_rejects_fewer_rounds(tmp_path):
 
     with pytest.raises(ValueError, match="use at least 3"):
         prepare_resume(config, CompressedFedAvg())
+
+
+class _RecordingStrategy:
+    """Stand-in strategy that records the round numbers it is called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.calls.append(("configure_train", server_round))
+        return []
+
+    def aggregate_train(self, server_round, replies):
+        self.calls.append(("aggregate_train", server_round))
+        return None, None
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        self.calls.append(("configure_evaluate", server_round))
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):
+        self.calls.append(("aggregate_evaluate", server_round))
+        return {"accuracy": 0.5}
+
+    def summary(self):
+        pass
+
+
+def test_continued_rounds_shift_numbers():
+    inner = _RecordingStrategy()
+    rounds = ContinuedRounds(inner, completed_rounds=2)
+
+    rounds.configure_train(1, None, None, None)
+    rounds.aggregate_train(1, [])
+    rounds.configure_evaluate(2, None, None, None)
+    rounds.aggregate_evaluate(2, [])
+
+    assert inner.calls == [
+        ("configure_train", 3),
+        ("aggregate_train", 3),
+        ("configure_evaluate", 4),
+        ("aggregate_evaluate", 4),
+    ]
+    assert rounds.client_evaluate_metrics == {4: {"accuracy": 0.5}}
+
+
+def test_continued_rounds_skip_initial_evaluation():
+    evaluated = []
+    resumed = ContinuedRounds(_RecordingStrategy(), completed_rounds=2)
+    fresh = ContinuedRounds(_RecordingStrategy(), completed_rounds=0)
+
+    resumed_fn = resumed.wrap_evaluate_fn(lambda server_round, arrays: evaluated.append(server_round))
+    fresh_fn = fresh.wrap_evaluate_fn(lambda server_round, arrays: evaluated.append(server_round))
+    resumed_fn(0, None)
+    resumed_fn(1, None)
+    fresh_fn(0, None)
+    fresh_fn(1, None)
+
+    assert evaluated == [3, 0, 1]
