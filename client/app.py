@@ -12,8 +12,11 @@ from pocketfl.compression import DecodeError, UpdateCodec, encode_with_error_fee
 from pocketfl.tasks.base import ClientData, Task, TaskFactory, TaskSettings
 from pocketfl.tasks.har.task import HarTask
 
+from .decline import decline_reply
 from .downlink import receive_model
 from .instructions import RoundInstructions
+from .policy import training_decline_reason
+from .residual_store import load_residual, residual_path, save_residual
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +60,14 @@ def train_round(task_factory: TaskFactory, msg: Message, context: Context) -> Me
     "global" is the model this client rebuilt from the downlink, the one it
     trained from. With error feedback on, the residual (what the encoding
     dropped) lives in `context.state`, which Flower keeps for this node across
-    rounds. A downlink that does not decode gets an error reply.
+    rounds, or in the node config's `state-dir` on a device. A downlink that
+    does not decode gets an error reply; a phone that the device policy keeps
+    from training declines.
     """
+    decline = training_decline_reason(context.node_config)
+    if decline is not None:
+        return decline_reply(msg, decline)
+
     torch.set_num_threads(TORCH_THREADS)
     instructions = RoundInstructions.from_config_record(msg.content["config"])
     task = _task(task_factory, instructions.task_settings())
@@ -163,15 +172,21 @@ def _encode(
     if not instructions.error_feedback:
         return codec.encode(delta, seed)
 
+    stored_at = residual_path(context.node_config)
     residual = None
-    if RESIDUAL_KEY in context.state.array_records:
+    if stored_at is not None:
+        residual = load_residual(stored_at, {name: values.shape for name, values in delta.items()})
+    elif RESIDUAL_KEY in context.state.array_records:
         residual = {
             name: array.numpy() for name, array in context.state.array_records[RESIDUAL_KEY].items()
         }
     payload, residual = encode_with_error_feedback(codec, delta, residual, seed)
 
     # Error feedback costs one extra float32 copy of the model per client.
-    context.state[RESIDUAL_KEY] = ArrayRecord({name: Array(values) for name, values in residual.items()})
+    if stored_at is not None:
+        save_residual(stored_at, residual)
+    else:
+        context.state[RESIDUAL_KEY] = ArrayRecord({name: Array(values) for name, values in residual.items()})
     return payload
 
 

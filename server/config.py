@@ -102,6 +102,19 @@ class RunConfig(BaseModel):
         6, ge=1, le=NUM_PEOPLE - 2, description="People kept for central evaluation."
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the split, model and codecs.")
+    resume: bool = Field(
+        False,
+        description=(
+            "Continue from the run folder's checkpoint, if there is one; "
+            "false starts over and deletes it."
+        ),
+    )
+    round_timeout: float = Field(
+        3600.0,
+        gt=0.0,
+        le=86400.0,
+        description="Seconds the server waits for the replies of one round before going on without the rest.",
+    )
     output_dir: Path = Field(Path("runs"), description="Folder that receives run folders.")
     cache_dir: Path | None = Field(
         None, description="HAR cache folder; default POCKETFL_CACHE_DIR or ~/.cache/pocketfl."
