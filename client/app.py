@@ -8,17 +8,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from pocketfl.compression import DecodeError, UpdateCodec, encode_with_error_feedback
+from pocketfl.compression.pruning import Mask, compact, expand
 from pocketfl.tasks.har.federation import ClientArrays, load_federation
 from pocketfl.tasks.har.model import build_model
 from pocketfl.tasks.har.training import evaluate as evaluate_model
 from pocketfl.tasks.har.training import train as train_model
 
 from .downlink import receive_model
+from .decline import decline_reply
 from .instructions import RoundInstructions
+from .memory import memory_limit_bytes, training_peak_bytes
+from .pruned_training import compressed_training, read_mask
 
 logger = logging.getLogger(__name__)
 
 RESIDUAL_KEY = "residual"
+MEMORY_KEY = "memory"
 
 # Error code of a reply whose downlink did not decode. Flower's own codes end
 # at 8; the server treats any error reply the same way.
@@ -50,22 +55,37 @@ def train(msg: Message, context: Context) -> Message:
     data = _client_arrays(context, instructions)
     partition_id = int(context.node_config["partition-id"])
     global_state = {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()}
-
+    mask = read_mask(msg.content, {name: values.shape for name, values in global_state.items()})
     seed = _round_seed(instructions, partition_id)
-    result = train_model(
-        model,
-        data.x_train,
-        data.y_train,
-        epochs=instructions.local_epochs,
-        learning_rate=instructions.learning_rate,
-        batch_size=instructions.batch_size,
-        seed=seed,
-    )
+
+    def run_training(trained: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int):
+        with compressed_training(trained, mask, instructions.qat):
+            return train_model(
+                trained,
+                x,
+                y,
+                epochs=epochs,
+                learning_rate=instructions.learning_rate,
+                batch_size=instructions.batch_size,
+                seed=seed,
+            )
+
+    peak_bytes = _training_peak_bytes(model, data, instructions, context, run_training)
+    limit = memory_limit_bytes(context.node_config, instructions.memory_limit_mb)
+    if limit is not None and peak_bytes > limit:
+        reason = (
+            f"out of memory: training needs {peak_bytes / 1e6:.1f} MB, "
+            f"above the device limit of {limit / 1e6:.1f} MB"
+        )
+        logger.info("declining the round: %s", reason)
+        return decline_reply(msg, reason)
+
+    result = run_training(model, data.x_train, data.y_train, instructions.local_epochs)
 
     delta = {
         name: tensor.numpy() - global_state[name] for name, tensor in model.state_dict().items()
     }
-    payload = _encode(delta, instructions, context, seed)
+    payload = _encode(delta, instructions, context, seed, mask)
 
     metrics = MetricRecord(
         {
@@ -73,6 +93,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-loss": result.loss,
             "train-seconds": result.seconds,
             "payload-bytes": len(payload),
+            "peak-memory-bytes": peak_bytes,
         }
     )
     content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": metrics})
@@ -123,13 +144,37 @@ def _round_seed(instructions: RoundInstructions, partition_id: int) -> int:
     return int(sequence.generate_state(1)[0])
 
 
+def _training_peak_bytes(model, data, instructions, context, run_training) -> int:
+    # The peak depends on the batch size, the data and QAT, not on the
+    # weights, so it is measured once per node and setting.
+    setting = f"{instructions.batch_size}/{len(data.y_train)}/{instructions.qat}"
+    if MEMORY_KEY in context.state.config_records:
+        record = context.state.config_records[MEMORY_KEY]
+        if record.get("setting") == setting:
+            return int(record["peak-bytes"])
+
+    peak = training_peak_bytes(
+        model,
+        data.x_train,
+        data.y_train,
+        instructions.batch_size,
+        lambda probe, x, y: run_training(probe, x, y, epochs=1),
+    )
+    context.state[MEMORY_KEY] = ConfigRecord({"setting": setting, "peak-bytes": peak})
+    return peak
+
+
 def _encode(
     delta: dict[str, np.ndarray],
     instructions: RoundInstructions,
     context: Context,
     seed: int,
+    mask: Mask,
 ) -> bytes:
+    """Encode `delta`, with only the kept entries of masked tensors, and keep the residual."""
     codec = UpdateCodec(instructions.compression)
+    shapes = {name: values.shape for name, values in delta.items()}
+    delta = compact(delta, mask)
     if not instructions.error_feedback:
         return codec.encode(delta, seed)
 
@@ -138,7 +183,12 @@ def _encode(
         residual = {
             name: array.numpy() for name, array in context.state.array_records[RESIDUAL_KEY].items()
         }
+    if residual is not None:
+        residual = compact(residual, mask)
     payload, residual = encode_with_error_feedback(codec, delta, residual, seed)
+    # The residual is kept at full shape, so it survives a mask that changes
+    # between rounds; what a pruned entry had left is dropped with it.
+    residual = expand(residual, mask, shapes)
 
     # Error feedback costs one extra float32 copy of the model per client.
     context.state[RESIDUAL_KEY] = ArrayRecord({name: Array(values) for name, values in residual.items()})

@@ -259,3 +259,38 @@ def _channel_mask_with_share(
 def _check_sparsity(sparsity: float) -> None:
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must be at least 0 and below 1")
+
+
+# Fields of the mask as it travels in a train message (a Flower ConfigRecord
+# on the wire); both sides import these names.
+MASK_RECORD = "pruning-mask"
+MASK_TENSORS = "tensors"
+MASK_BITS = "bits"
+MASK_SPARSITY = "sparsity"
+
+
+def mask_fields(mask: Mask) -> dict[str, list[str] | list[bytes] | float]:
+    """Return the mask as plain record fields: tensor names, bit-packed masks, sparsity."""
+    names, blobs = pack_mask(mask)
+    return {MASK_TENSORS: names, MASK_BITS: blobs, MASK_SPARSITY: mask_sparsity(mask)}
+
+
+def mask_from_fields(fields: Mapping, shapes: Mapping[str, Sequence[int]]) -> Mask:
+    """Rebuild the mask from `mask_fields` output, or raise ValueError naming what is wrong."""
+    names, blobs = fields.get(MASK_TENSORS), fields.get(MASK_BITS)
+    if not isinstance(names, list) or not isinstance(blobs, list):
+        raise ValueError(f"mask record needs lists '{MASK_TENSORS}' and '{MASK_BITS}'")
+    if not all(isinstance(blob, bytes) for blob in blobs):
+        raise ValueError(f"mask record field '{MASK_BITS}' must hold bytes")
+    return unpack_mask([str(name) for name in names], blobs, shapes)
+
+
+def decide_mask(
+    weights: Mapping[str, np.ndarray], kind: str, sparsity: float, chain: Sequence[str] = ()
+) -> Mask:
+    """Mask of `kind` ("global", "layer" or "channel") at `sparsity` for the model `weights`."""
+    if kind in ("global", "layer"):
+        return magnitude_mask(weights, sparsity, scope=kind)
+    if kind == "channel":
+        return channel_mask(weights, chain, sparsity)
+    raise ValueError(f"unknown pruning kind {kind!r}; use one of {', '.join(PRUNING_KINDS)}")

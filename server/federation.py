@@ -11,8 +11,9 @@ from flwr.serverapp import Grid
 
 from pocketfl.client.instructions import RoundInstructions
 from pocketfl.strategies import CompressedFedAvg
+from pocketfl.strategies.pruning import PruningSchedule
 from pocketfl.tasks.har.federation import HarFederation, load_federation
-from pocketfl.tasks.har.model import build_model
+from pocketfl.tasks.har.model import CHANNEL_CHAIN, build_model
 from pocketfl.tasks.har.training import evaluate
 
 from .config import RunConfig, prepare_folders
@@ -53,6 +54,7 @@ def run_federation(
         uplink=config.compression,
         downlink=config.downlink_compression,
         seed=config.seed,
+        pruning=_pruning_schedule(config),
     )
     round_started = time.perf_counter()
     initial_accuracy = 0.0
@@ -111,7 +113,20 @@ def _instructions(config: RunConfig) -> ConfigRecord:
         held_out_people=config.held_out_people,
         seed=config.seed,
         cache_dir=str(config.cache_dir or ""),
+        qat=config.qat,
+        memory_limit_mb=config.memory_limit_mb or 0.0,
     ).to_config_record()
+
+
+def _pruning_schedule(config: RunConfig) -> PruningSchedule | None:
+    if config.pruning == "none":
+        return None
+    return PruningSchedule(
+        kind=config.pruning,
+        target_sparsity=config.target_sparsity,
+        end_round=config.resolved_pruning_end_round,
+        chain=CHANNEL_CHAIN,
+    )
 
 
 def _new_report(config: RunConfig, federation: HarFederation, model: torch.nn.Module) -> Report:

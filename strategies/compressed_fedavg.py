@@ -17,6 +17,8 @@ from pocketfl.compression import (
     payload_float32_bytes,
 )
 
+from pocketfl.compression.pruning import Mask, apply_mask, compact_shapes, expand
+
 from .downlink import (
     BASE_VERSION_KEY,
     DEFAULT_MAX_VERSIONS,
@@ -26,6 +28,7 @@ from .downlink import (
     VERSION_KEY,
     DownlinkEncoder,
 )
+from .pruning import MASK_RECORD, PruningSchedule, prune_global
 from .replies import EVALUATE_METRICS, TRAIN_METRICS, WeightedMetrics, read_metrics
 from .streaming import StreamingMean
 
@@ -85,6 +88,12 @@ class CompressedFedAvg(FedAvg):
         Run seed, for the downlink's stochastic rounding.
     max_downlink_versions : int, default 3
         Reconstructions the server keeps, one float32 model copy each.
+    pruning : PruningSchedule or None, default None
+        Federated pruning. Each round the mask is decided from the global
+        model, masked entries are zeroed, and the mask travels in the
+        ConfigRecord "pruning-mask" of every train message; replies then
+        encode only the kept entries (in C order, tensor by tensor) and
+        masked entries of the aggregate stay zero.
     **kwargs
         Those of `flwr.serverapp.strategy.FedAvg`.
 
@@ -101,12 +110,15 @@ class CompressedFedAvg(FedAvg):
         downlink: str = "none",
         seed: int = 0,
         max_downlink_versions: int = DEFAULT_MAX_VERSIONS,
+        pruning: PruningSchedule | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.uplink = parse_compression_spec(uplink) if uplink is not None else None
         self.traffic: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] = {}
+        self.pruning = pruning
+        self._mask: Mask = {}
 
         self.downlink: DownlinkEncoder | None = None
         if downlink != "none":
@@ -121,8 +133,15 @@ class CompressedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Sample clients as FedAvg does, encode the downlink and record its bytes."""
         self._global = {name: array.numpy() for name, array in arrays.items()}
+        mask_record = None
+        if self.pruning is not None:
+            self._mask, self._global, mask_record = prune_global(self.pruning, server_round, self._global)
+            arrays = ArrayRecord({name: Array(values) for name, values in self._global.items()})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         messages, payload_bytes = self._encode_downlink(messages)
+        if mask_record is not None:
+            for message in messages:
+                message.content[MASK_RECORD] = mask_record
 
         traffic = RoundTraffic(sampled_clients=len(messages))
         traffic.downlink_bytes = sum(
@@ -148,6 +167,8 @@ class CompressedFedAvg(FedAvg):
         """Decode each reply into a running weighted sum, then apply the average."""
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         expected_shapes = {name: array.shape for name, array in self._global.items()}
+        # With pruning, payloads hold only the kept entries of masked tensors.
+        uplink_shapes = compact_shapes(expected_shapes, self._mask)
         running_mean = StreamingMean(expected_shapes)
         train_metrics = WeightedMetrics()
 
@@ -164,7 +185,8 @@ class CompressedFedAvg(FedAvg):
             answered.add(node_id)
 
             try:
-                delta, weight, metrics = self._decode_reply(reply, expected_shapes)
+                delta, weight, metrics = self._decode_reply(reply, uplink_shapes)
+                delta = expand(delta, self._mask, expected_shapes)
             except DecodeError as error:
                 traffic.failed_clients += 1
                 logger.warning("round %d: dropped reply from node %d: %s", server_round, node_id, error)
@@ -195,6 +217,7 @@ class CompressedFedAvg(FedAvg):
         with np.errstate(over="ignore"):
             mean_delta = running_mean.mean()
             new_global = {name: self._global[name] + mean_delta[name] for name in self._global}
+            new_global = apply_mask(new_global, self._mask)
 
         # Each decoded update is finite, but a few huge ones can still push the
         # float32 model to inf, which would end every later round.
