@@ -101,3 +101,54 @@ def run_onnx(path: Path, inputs: np.ndarray, batch_size: int = 512) -> np.ndarra
         for start in range(0, len(inputs), batch_size)
     ]
     return np.concatenate(outputs)
+
+
+class Standardized(nn.Module):
+    """`model` behind a fixed standardization `(x - mean) / std`, so an app feeds raw sensor values.
+
+    `mean` and `std` broadcast against the input, for example shape
+    (1, channels, 1) for per-channel statistics.
+    """
+
+    def __init__(self, model: nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", 1.0 / torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardize `x` and return the model's outputs."""
+        return self.model((x - self.mean) * self.scale)
+
+
+def measure_latency(run_one, window: np.ndarray, repeats: int = 200) -> float:
+    """Median wall time of `run_one(window)` in milliseconds, after 10 warm-up calls."""
+    import time
+
+    for _ in range(10):
+        run_one(window)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run_one(window)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000)
+
+
+def executorch_runner(path: Path):
+    """Return a function that runs one input through the ExecuTorch program at `path`."""
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(Path(path)).load_method("forward")
+    return lambda inputs: method.execute([torch.from_numpy(inputs)])[0]
+
+
+def onnx_runner(path: Path):
+    """Return a function that runs one input through the ONNX model at `path` with onnxruntime."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda inputs: session.run(None, {name: inputs})[0]

@@ -106,6 +106,7 @@ def quantize_int8(
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
+    from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     model = model.eval()
@@ -117,7 +118,7 @@ def quantize_int8(
     with torch.no_grad():
         for batch in calibration:
             prepared(batch)
-    return convert_pt2e(prepared)
+    return move_exported_model_to_eval(convert_pt2e(prepared))
 
 
 def _dynamic_batch(example_input: torch.Tensor) -> tuple[dict[int, torch.export.Dim]]:

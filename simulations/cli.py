@@ -130,6 +130,31 @@ def simulate(
     console.print(f"wrote {REPORT_FILE}, {ROUNDS_FILE} and {MODEL_FILE} in {config.run_dir}", highlight=False)
 
 
+@cli.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Folder of a finished run, e.g. runs/har-default.")],
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Folder for the exported files; default RUN_DIR.")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="HAR cache folder (default: the run's, or POCKETFL_CACHE_DIR).")
+    ] = None,
+) -> None:
+    """Export a run's final model to ExecuTorch (.pte) and ONNX files for phone apps."""
+    from pocketfl.simulations.export_table import print_export_table
+
+    from pocketfl.server.export import export_run
+
+    _configure_logging(False)
+    try:
+        exported = export_run(run_dir, output_dir, cache_dir)
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(code=2) from None
+    print_export_table(console, exported)
+    console.print(f"wrote {len(exported)} files in {output_dir or run_dir}", highlight=False)
+
+
 def _configure_logging(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,162 @@
+"""`pocketfl export`: from a run's final model to the files a phone app loads (.pte, .onnx).
+
+The final model is narrowed (channels that pruning zeroed are removed), put
+behind the input standardization of the run, and written four ways:
+float32 and int8 (post-training quantization calibrated on training
+windows), each as an ExecuTorch program and as ONNX. Every file is loaded
+back in its own runtime and measured on the held-out people.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pocketfl.compression.export import (
+    Standardized,
+    executorch_runner,
+    export_executorch,
+    export_onnx,
+    measure_latency,
+    onnx_runner,
+    run_executorch,
+    run_onnx,
+)
+from pocketfl.compression.quantization import quantize_int8
+from pocketfl.compression.structured import shrink_channels
+from pocketfl.tasks.har.data import load_har_windows
+from pocketfl.tasks.har.model import CHANNEL_CHAIN, build_model
+from pocketfl.tasks.har.partition import split_people
+
+from .config import load_run_config
+from .federation import MODEL_FILE
+from .report import REPORT_FILE, read_report
+
+logger = logging.getLogger(__name__)
+
+# Training windows used to calibrate int8 activation ranges.
+CALIBRATION_WINDOWS = 512
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    """One exported file, measured in its own runtime on the held-out people."""
+
+    name: str
+    runtime: str
+    precision: str
+    parameters: int
+    bytes: int
+    sparsity: float
+    accuracy: float
+    pytorch_accuracy: float
+    max_abs_difference: float
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    x_held_out: np.ndarray
+    y_held_out: np.ndarray
+    calibration: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | None = None) -> list[ExportedFile]:
+    """Export the final model of the run in `run_dir` and measure each file.
+
+    Files go to `output_dir` (default `run_dir`): model_float32.pte,
+    model_float32.onnx, model_int8.pte and model_int8.onnx. Raises
+    ValueError if the run folder lacks its report or final model.
+    """
+    run_dir = Path(run_dir)
+    output_dir = Path(output_dir or run_dir)
+    for required in (REPORT_FILE, MODEL_FILE):
+        if not (run_dir / required).exists():
+            raise ValueError(
+                f"{run_dir} has no {required}; pass the folder of a finished run, such as runs/har-default"
+            )
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    report = read_report(run_dir / REPORT_FILE)
+    config = load_run_config(report.config)
+    inputs = _load_inputs(config.held_out_people, config.seed, cache_dir or config.cache_dir)
+
+    model = build_model()
+    model.load_state_dict(torch.load(run_dir / MODEL_FILE, weights_only=True))
+    dense_parameters = sum(parameter.numel() for parameter in model.parameters())
+    narrow = Standardized(shrink_channels(model, CHANNEL_CHAIN), inputs.mean, inputs.std).eval()
+
+    example = torch.from_numpy(inputs.x_held_out[:2])
+    calibration = torch.from_numpy(inputs.calibration).split(128)
+    variants = {
+        "float32": narrow,
+        "int8": quantize_int8(narrow, example, calibration),
+    }
+
+    exported = []
+    for precision, variant in variants.items():
+        expected = _logits(variant, inputs.x_held_out)
+        pytorch_accuracy = float((expected.argmax(1) == inputs.y_held_out).mean())
+        nonzero = sum(int((values != 0).sum()) for values in _weights(narrow.model))
+
+        for runtime in ("executorch", "onnx"):
+            if runtime == "executorch":
+                path = export_executorch(variant, example[:1], output_dir / f"model_{precision}.pte")
+                outputs = run_executorch(path, inputs.x_held_out)
+                runner = executorch_runner(path)
+            else:
+                path = export_onnx(variant, example, output_dir / f"model_{precision}.onnx")
+                outputs = run_onnx(path, inputs.x_held_out)
+                runner = onnx_runner(path)
+
+            exported.append(
+                ExportedFile(
+                    name=path.name,
+                    runtime=runtime,
+                    precision=precision,
+                    parameters=sum(p.numel() for p in narrow.model.parameters()),
+                    bytes=path.stat().st_size,
+                    sparsity=1.0 - nonzero / dense_parameters,
+                    accuracy=float((outputs.argmax(1) == inputs.y_held_out).mean()),
+                    pytorch_accuracy=pytorch_accuracy,
+                    max_abs_difference=float(np.abs(outputs - expected).max()),
+                    latency_ms=measure_latency(runner, inputs.x_held_out[:1]),
+                )
+            )
+            logger.info("wrote %s (%d bytes)", path, path.stat().st_size)
+    return exported
+
+
+def _load_inputs(held_out_people: int, seed: int, cache_dir: Path | None) -> _Inputs:
+    # Raw windows, because the exported files standardize their input. The
+    # statistics are those of training people only, as in training.
+    windows = load_har_windows(cache_dir)
+    split = split_people(windows.person, held_out_people, seed)
+    train_rows = np.isin(windows.person, split.train_people)
+    held_out_rows = np.isin(windows.person, split.held_out_people)
+    mean = windows.x[train_rows].mean(axis=(0, 2), keepdims=True)
+    std = windows.x[train_rows].std(axis=(0, 2), keepdims=True) + 1e-6
+
+    calibration_rows = np.random.default_rng(seed).choice(
+        np.flatnonzero(train_rows), size=min(CALIBRATION_WINDOWS, int(train_rows.sum())), replace=False
+    )
+    return _Inputs(
+        x_held_out=windows.x[held_out_rows].astype(np.float32),
+        y_held_out=windows.y[held_out_rows].astype(np.int64),
+        calibration=windows.x[np.sort(calibration_rows)].astype(np.float32),
+        mean=mean.astype(np.float32),
+        std=std.astype(np.float32),
+    )
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([model(batch).numpy() for batch in torch.from_numpy(x).split(512)])
+
+
+def _weights(model: torch.nn.Module) -> list[np.ndarray]:
+    return [parameter.detach().numpy() for parameter in model.parameters()]
