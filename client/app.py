@@ -1,5 +1,7 @@
 """The Flower ClientApp that runs on each phone: train locally, send a compressed update."""
 
+import dataclasses
+import functools
 import logging
 
 import numpy as np
@@ -9,10 +11,8 @@ from flwr.clientapp import ClientApp
 
 from pocketfl.compression import DecodeError, UpdateCodec, encode_with_error_feedback
 from pocketfl.compression.pruning import Mask, compact, expand
-from pocketfl.tasks.har.federation import ClientArrays, load_federation
-from pocketfl.tasks.har.model import build_model
-from pocketfl.tasks.har.training import evaluate as evaluate_model
-from pocketfl.tasks.har.training import train as train_model
+from pocketfl.tasks.base import ClientData, Task, TaskFactory, TaskSettings, TrainSettings
+from pocketfl.tasks.har.task import HarTask
 
 from .downlink import receive_model
 from .decline import decline_reply
@@ -29,14 +29,35 @@ MEMORY_KEY = "memory"
 # at 8; the server treats any error reply the same way.
 DOWNLINK_DECODE_ERROR = 100
 
+# Error code of a reply to a round of another task than this phone's.
+WRONG_TASK_ERROR = 101
+
 # A phone trains on one core; in simulation, each Ray worker gets one CPU.
 TORCH_THREADS = 1
 
-app = ClientApp()
+
+def build_client_app(task_factory: TaskFactory) -> ClientApp:
+    """Return a ClientApp that trains the task `task_factory` builds.
+
+    The phone builds its task from the run's seed and cache folder, once per
+    process, and answers only rounds of that task.
+    """
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        """Train on local data and reply with the encoded update `local - global`."""
+        return train_round(task_factory, msg, context)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Evaluate the model rebuilt from the downlink on this phone's local evaluation split."""
+        return evaluate_round(task_factory, msg, context)
+
+    return client_app
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def train_round(task_factory: TaskFactory, msg: Message, context: Context) -> Message:
     """Train on local data and reply with the encoded update `local - global`.
 
     "global" is the model this client rebuilt from the downlink, the one it
@@ -46,41 +67,34 @@ def train(msg: Message, context: Context) -> Message:
     """
     torch.set_num_threads(TORCH_THREADS)
     instructions = RoundInstructions.from_config_record(msg.content["config"])
-    model = build_model()
+    task = _task(task_factory, instructions.task_settings())
+    if task.name != instructions.task:
+        return _wrong_task(msg, task, instructions)
+
+    model = task.build_model()
     try:
         _load_downlink(model, msg, context)
     except DecodeError as error:
         return _downlink_error(msg, error)
 
-    data = _client_arrays(context, instructions)
-    partition_id = int(context.node_config["partition-id"])
+    data = _client_data(task, context)
     global_state = {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()}
     mask = read_mask(msg.content, {name: values.shape for name, values in global_state.items()})
-    seed = _round_seed(instructions, partition_id)
+    seed = _round_seed(instructions, context)
 
-    def run_training(trained: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int):
+    def run_training(trained: torch.nn.Module, local_data: ClientData, settings: TrainSettings):
         with compressed_training(trained, mask, instructions.qat):
-            return train_model(
-                trained,
-                x,
-                y,
-                epochs=epochs,
-                learning_rate=instructions.learning_rate,
-                batch_size=instructions.batch_size,
-                seed=seed,
-            )
+            return task.train(trained, local_data, settings)
 
-    peak_bytes = _training_peak_bytes(model, data, instructions, context, run_training)
+    settings = instructions.train_settings(seed)
+    peak_bytes = _training_peak_bytes(model, data, settings, instructions.qat, context, run_training)
     limit = memory_limit_bytes(context.node_config, instructions.memory_limit_mb)
     if limit is not None and peak_bytes > limit:
-        reason = (
-            f"out of memory: training needs {peak_bytes / 1e6:.1f} MB, "
-            f"above the device limit of {limit / 1e6:.1f} MB"
-        )
-        logger.info("declining the round: %s", reason)
-        return decline_reply(msg, reason)
+        # The reason is a label the server counts, so it names the limit only.
+        logger.info("training needs %.1f MB, above the limit of %.1f MB", peak_bytes / 1e6, limit / 1e6)
+        return decline_reply(msg, f"insufficient memory: training needs more than {limit / 1e6:g} MB")
 
-    result = run_training(model, data.x_train, data.y_train, instructions.local_epochs)
+    result = run_training(model, data, settings)
 
     delta = {
         name: tensor.numpy() - global_state[name] for name, tensor in model.state_dict().items()
@@ -100,22 +114,40 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the model rebuilt from the downlink on this client's local evaluation split."""
+def evaluate_round(task_factory: TaskFactory, msg: Message, context: Context) -> Message:
+    """Evaluate the model rebuilt from the downlink on this phone's local evaluation split."""
     torch.set_num_threads(TORCH_THREADS)
     instructions = RoundInstructions.from_config_record(msg.content["config"])
-    model = build_model()
+    task = _task(task_factory, instructions.task_settings())
+    if task.name != instructions.task:
+        return _wrong_task(msg, task, instructions)
+
+    model = task.build_model()
     try:
         _load_downlink(model, msg, context)
     except DecodeError as error:
         return _downlink_error(msg, error)
 
-    data = _client_arrays(context, instructions)
-    loss, accuracy = evaluate_model(model, data.x_eval, data.y_eval)
+    data = _client_data(task, context)
+    loss, accuracy = task.evaluate(model, data.x_eval, data.y_eval)
 
     metrics = MetricRecord({"num-examples": len(data.y_eval), "loss": loss, "accuracy": accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@functools.lru_cache(maxsize=4)
+def _task(task_factory: TaskFactory, settings: TaskSettings) -> Task:
+    # A task may load its data when built; one instance per process serves every round.
+    return task_factory(settings)
+
+
+def _wrong_task(msg: Message, task: Task, instructions: RoundInstructions) -> Message:
+    reason = (
+        f"this phone runs task '{task.name}' but the server sent a round of task "
+        f"'{instructions.task}'; start the SuperNode with the ClientApp of that task"
+    )
+    logger.warning("%s", reason)
+    return Message(Error(code=WRONG_TASK_ERROR, reason=reason), reply_to=msg)
 
 
 def _load_downlink(model: torch.nn.Module, msg: Message, context: Context) -> None:
@@ -129,36 +161,41 @@ def _downlink_error(msg: Message, error: DecodeError) -> Message:
     return Message(Error(code=DOWNLINK_DECODE_ERROR, reason=f"downlink did not decode: {error}"), reply_to=msg)
 
 
-def _client_arrays(context: Context, instructions: RoundInstructions) -> ClientArrays:
-    federation = load_federation(
-        instructions.held_out_people, instructions.seed, instructions.cache_dir or None
-    )
-    return federation.client_arrays(
-        int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    )
+def _client_data(task: Task, context: Context) -> ClientData:
+    return task.client_data(context.node_config)
 
 
-def _round_seed(instructions: RoundInstructions, partition_id: int) -> int:
-    # One stream per (run seed, round, client): reruns with one seed give the same bytes.
-    sequence = np.random.SeedSequence([instructions.seed, instructions.server_round, partition_id])
+def _round_seed(instructions: RoundInstructions, context: Context) -> int:
+    # One stream per (run seed, round, phone): reruns with one seed give the
+    # same bytes. Simulated node ids change between runs, partition ids do not.
+    phone = int(context.node_config.get("partition-id", context.node_id))
+    sequence = np.random.SeedSequence([instructions.seed, instructions.server_round, phone])
     return int(sequence.generate_state(1)[0])
 
 
-def _training_peak_bytes(model, data, instructions, context, run_training) -> int:
+def _training_peak_bytes(
+    model: torch.nn.Module,
+    data: ClientData,
+    settings: TrainSettings,
+    qat: bool,
+    context: Context,
+    run_training,
+) -> int:
     # The peak depends on the batch size, the data and QAT, not on the
     # weights, so it is measured once per node and setting.
-    setting = f"{instructions.batch_size}/{len(data.y_train)}/{instructions.qat}"
+    setting = f"{settings.batch_size}/{len(data.y_train)}/{qat}"
     if MEMORY_KEY in context.state.config_records:
         record = context.state.config_records[MEMORY_KEY]
         if record.get("setting") == setting:
             return int(record["peak-bytes"])
 
+    one_epoch = dataclasses.replace(settings, epochs=1)
     peak = training_peak_bytes(
         model,
         data.x_train,
         data.y_train,
-        instructions.batch_size,
-        lambda probe, x, y: run_training(probe, x, y, epochs=1),
+        settings.batch_size,
+        lambda probe, x, y: run_training(probe, ClientData(x, y, x[:0], y[:0]), one_epoch),
     )
     context.state[MEMORY_KEY] = ConfigRecord({"setting": setting, "peak-bytes": peak})
     return peak
@@ -193,3 +230,7 @@ def _encode(
     # Error feedback costs one extra float32 copy of the model per client.
     context.state[RESIDUAL_KEY] = ArrayRecord({name: Array(values) for name, values in residual.items()})
     return payload
+
+
+# The HAR ClientApp that `flwr run` and `pocketfl simulate` start by default.
+app = build_client_app(HarTask)

@@ -1,9 +1,12 @@
 """Round instructions that the server sends to clients, validated on the client."""
 
+from pathlib import Path
+
 from flwr.app import ConfigRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pocketfl.compression import parse_compression_spec
+from pocketfl.tasks.base import TaskSettings, TrainSettings
 
 
 def _kebab_case(name: str) -> str:
@@ -16,6 +19,8 @@ class RoundInstructions(BaseModel):
     model_config = ConfigDict(extra="ignore", alias_generator=_kebab_case, populate_by_name=True)
 
     server_round: int = Field(ge=1)
+    # The `name` of the task the server runs; the phone checks that it runs the same.
+    task: str = "har"
     compression: str
     error_feedback: bool
     local_epochs: int = Field(ge=1, le=100)
@@ -32,6 +37,23 @@ class RoundInstructions(BaseModel):
     @classmethod
     def _check_compression(cls, value: str) -> str:
         return str(parse_compression_spec(value))
+
+    def task_settings(self) -> TaskSettings:
+        """Return the settings that build this run's task on the phone."""
+        return TaskSettings(
+            seed=self.seed,
+            cache_dir=Path(self.cache_dir) if self.cache_dir else None,
+            held_out_people=self.held_out_people,
+        )
+
+    def train_settings(self, seed: int) -> TrainSettings:
+        """Return this round's local training settings, with the phone's own seed."""
+        return TrainSettings(
+            epochs=self.local_epochs,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            seed=seed,
+        )
 
     def to_config_record(self) -> ConfigRecord:
         """Return the ConfigRecord the server sends."""

@@ -3,17 +3,27 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from pocketfl.tasks.base import TaskFactory, resolve_task
+
 from .config import RunConfig, load_run_config
 from .federation import RoundCallback, run_federation
 
 
-def build_server_app(config: RunConfig, on_round: RoundCallback | None = None) -> ServerApp:
-    """Return a ServerApp that runs `config`, ignoring Flower's run config."""
+def build_server_app(
+    config: RunConfig,
+    on_round: RoundCallback | None = None,
+    task_factory: TaskFactory | None = None,
+) -> ServerApp:
+    """Return a ServerApp that runs `config`, ignoring Flower's run config.
+
+    The task is `task_factory` when given, else the one `config.task` names.
+    """
+    task_factory = task_factory or resolve_task(config.task)
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, on_round)
+        run_federation(grid, config, task_factory, on_round)
 
     return server_app
 
@@ -25,4 +35,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config from pyproject.toml (and --run-config overrides) and run it."""
     config = load_run_config(dict(context.run_config))
-    run_federation(grid, config)
+    run_federation(grid, config, resolve_task(config.task))

@@ -8,9 +8,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pocketfl.compression import parse_compression_spec
+from pocketfl.tasks.base import BUILTIN_TASK, TaskFactory, TaskSettings
 
 # HAPT has 30 people; the server keeps some of them for central evaluation.
 NUM_PEOPLE = 30
+
+# Simulated phones in one run; each costs one Flower node context in memory.
+MAX_CLIENTS = 10_000
 
 
 def _kebab_case(name: str) -> str:
@@ -34,12 +38,16 @@ class RunConfig(BaseModel):
         max_length=64,
         description="Name of the run; results go to <output-dir>/<run-name>/.",
     )
+    task: str = Field(
+        "har",
+        description="Task to train: 'har', or a Task class as 'package.module:ClassName'.",
+    )
     num_server_rounds: int = Field(20, ge=1, le=1000, description="Federated rounds.")
     num_clients: int | None = Field(
         None,
         ge=2,
-        le=NUM_PEOPLE - 1,
-        description="Simulated phones; default is one per training person.",
+        le=MAX_CLIENTS,
+        description="Simulated phones; default is the task's own (HAR: one per training person).",
     )
     fraction_train: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of clients sampled each round."
@@ -101,6 +109,15 @@ class RunConfig(BaseModel):
             )
         return value
 
+    @field_validator("task")
+    @classmethod
+    def _check_task(cls, value: str) -> str:
+        if value != BUILTIN_TASK and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            raise ValueError(
+                f"use '{BUILTIN_TASK}' or an import path such as 'mypackage.tasks:MyTask'"
+            )
+        return value
+
     @field_validator("cache_dir", mode="before")
     @classmethod
     def _empty_cache_dir_is_default(cls, value: Any) -> Any:
@@ -121,6 +138,13 @@ class RunConfig(BaseModel):
     def run_dir(self) -> Path:
         """Folder that receives the report, the round CSV and the final model."""
         return self.output_dir / self.run_name
+
+    @property
+    def task_settings(self) -> TaskSettings:
+        """Settings that build this run's task, as each phone builds it too."""
+        return TaskSettings(
+            seed=self.seed, cache_dir=self.cache_dir, held_out_people=self.held_out_people
+        )
 
     @property
     def num_train_people(self) -> int:
@@ -186,7 +210,8 @@ def load_run_config(
     except ValidationError as error:
         raise ValueError(describe_validation_error(error, option_names)) from None
 
-    if config.resolved_num_clients > config.num_train_people:
+    # Other tasks check their own client count when they are built.
+    if config.task == BUILTIN_TASK and config.resolved_num_clients > config.num_train_people:
         option = (option_names or {}).get("num_clients", "num-clients")
         raise ValueError(
             f"invalid value {config.resolved_num_clients} for {option}: with "
@@ -227,3 +252,16 @@ def prepare_folders(config: RunConfig, option_names: dict[str, str] | None = Non
                 f"invalid value '{folder}' for {option}: the folder is not writable; "
                 "choose a writable folder."
             )
+
+
+def resolve_num_clients(config: RunConfig, task_factory: TaskFactory) -> int:
+    """Return the run's number of phones: the config's, or the task's default; check the task's limit."""
+    task = task_factory(config.task_settings)
+    num_clients = config.num_clients or task.default_num_clients()
+    limit = task.max_clients()
+    if limit is not None and num_clients > limit:
+        raise ValueError(
+            f"invalid value {num_clients} for clients: task '{task.name}' can split its data "
+            f"over at most {limit} phones; use fewer clients"
+        )
+    return num_clients

@@ -26,8 +26,8 @@ from pocketfl.compression.export import (
 )
 from pocketfl.compression.quantization import quantize_int8
 from pocketfl.compression.structured import shrink_channels
+from pocketfl.tasks.base import BUILTIN_TASK, Task, resolve_task
 from pocketfl.tasks.har.data import load_har_windows
-from pocketfl.tasks.har.model import CHANNEL_CHAIN, build_model
 from pocketfl.tasks.har.partition import split_people
 
 from .config import load_run_config
@@ -61,8 +61,9 @@ class _Inputs:
     x_held_out: np.ndarray
     y_held_out: np.ndarray
     calibration: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
+    # Input standardization that the exported graph applies, if any.
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
 
 
 def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | None = None) -> list[ExportedFile]:
@@ -83,12 +84,21 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
 
     report = read_report(run_dir / REPORT_FILE)
     config = load_run_config(report.config)
-    inputs = _load_inputs(config.held_out_people, config.seed, cache_dir or config.cache_dir)
+    if cache_dir is not None:
+        config = config.model_copy(update={"cache_dir": cache_dir})
+    task = resolve_task(config.task)(config.task_settings)
+    if config.task == BUILTIN_TASK:
+        inputs = _har_inputs(config.held_out_people, config.seed, config.cache_dir)
+    else:
+        inputs = _task_inputs(task, config.seed)
 
-    model = build_model()
+    model = task.build_model()
     model.load_state_dict(torch.load(run_dir / MODEL_FILE, weights_only=True))
     dense_parameters = sum(parameter.numel() for parameter in model.parameters())
-    narrow = Standardized(shrink_channels(model, CHANNEL_CHAIN), inputs.mean, inputs.std).eval()
+    narrow = shrink_channels(model, task.channel_chain()) if task.channel_chain() else model
+    if inputs.mean is not None:
+        narrow = Standardized(narrow, inputs.mean, inputs.std)
+    narrow = narrow.eval()
 
     example = torch.from_numpy(inputs.x_held_out[:2])
     calibration = torch.from_numpy(inputs.calibration).split(128)
@@ -101,7 +111,7 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
     for precision, variant in variants.items():
         expected = _logits(variant, inputs.x_held_out)
         pytorch_accuracy = float((expected.argmax(1) == inputs.y_held_out).mean())
-        nonzero = sum(int((values != 0).sum()) for values in _weights(narrow.model))
+        nonzero = sum(int((values != 0).sum()) for values in _weights(narrow))
 
         for runtime in ("executorch", "onnx"):
             if runtime == "executorch":
@@ -118,7 +128,7 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
                     name=path.name,
                     runtime=runtime,
                     precision=precision,
-                    parameters=sum(p.numel() for p in narrow.model.parameters()),
+                    parameters=sum(values.size for values in _weights(narrow)),
                     bytes=path.stat().st_size,
                     sparsity=1.0 - nonzero / dense_parameters,
                     accuracy=float((outputs.argmax(1) == inputs.y_held_out).mean()),
@@ -131,9 +141,10 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
     return exported
 
 
-def _load_inputs(held_out_people: int, seed: int, cache_dir: Path | None) -> _Inputs:
-    # Raw windows, because the exported files standardize their input. The
-    # statistics are those of training people only, as in training.
+def _har_inputs(held_out_people: int, seed: int, cache_dir: Path | None) -> _Inputs:
+    # Raw windows, because the exported HAR files standardize their input.
+    # The statistics are those of training people only, as in training
+    # (tasks.har.federation.load_federation).
     windows = load_har_windows(cache_dir)
     split = split_people(windows.person, held_out_people, seed)
     train_rows = np.isin(windows.person, split.train_people)
@@ -153,10 +164,19 @@ def _load_inputs(held_out_people: int, seed: int, cache_dir: Path | None) -> _In
     )
 
 
+def _task_inputs(task: Task, seed: int) -> _Inputs:
+    # Another task's model takes its inputs as the task prepares them.
+    x_held_out, y_held_out = task.central_data()
+    x_train = task.load_partition(0, 1).x_train
+    rows = np.random.default_rng(seed).permutation(len(x_train))[:CALIBRATION_WINDOWS]
+    return _Inputs(x_held_out, y_held_out, np.ascontiguousarray(x_train[np.sort(rows)]))
+
+
 @torch.no_grad()
 def _logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     return np.concatenate([model(batch).numpy() for batch in torch.from_numpy(x).split(512)])
 
 
 def _weights(model: torch.nn.Module) -> list[np.ndarray]:
+    # Parameters only: the standardization buffers are not trained weights.
     return [parameter.detach().numpy() for parameter in model.parameters()]

@@ -12,9 +12,7 @@ from flwr.serverapp import Grid
 from pocketfl.client.instructions import RoundInstructions
 from pocketfl.strategies import CompressedFedAvg
 from pocketfl.strategies.pruning import PruningSchedule
-from pocketfl.tasks.har.federation import HarFederation, load_federation
-from pocketfl.tasks.har.model import CHANNEL_CHAIN, build_model
-from pocketfl.tasks.har.training import evaluate
+from pocketfl.tasks.base import Task, TaskFactory
 
 from .config import RunConfig, prepare_folders
 from .report import Report, RoundRecord, Summary, write_report
@@ -27,21 +25,23 @@ RoundCallback = Callable[[RoundRecord], None]
 
 
 def run_federation(
-    grid: Grid, config: RunConfig, on_round: RoundCallback | None = None
+    grid: Grid,
+    config: RunConfig,
+    task_factory: TaskFactory,
+    on_round: RoundCallback | None = None,
 ) -> Report:
     """Run `config.num_server_rounds` rounds of compressed FedAvg and write the results.
 
-    After each round the global model is evaluated on the held-out people, the
-    round is appended to the report on disk, and `on_round` is called with it.
+    After each round the global model is evaluated on the task's central data
+    (HAR: the held-out people), the round is appended to the report on disk,
+    and `on_round` is called with it.
     """
     started = time.perf_counter()
     prepare_folders(config)
-    federation = load_federation(
-        config.held_out_people, config.seed, str(config.cache_dir) if config.cache_dir else None
-    )
-    model = build_model(seed=config.seed)
-    x_held_out, y_held_out = federation.held_out_arrays()
-    report = _new_report(config, federation, model)
+    task = task_factory(config.task_settings)
+    model = task.build_model(seed=config.seed)
+    x_held_out, y_held_out = task.central_data()
+    report = _new_report(config, task, model)
 
     strategy = CompressedFedAvg(
         fraction_train=config.fraction_train,
@@ -54,7 +54,7 @@ def run_federation(
         uplink=config.compression,
         downlink=config.downlink_compression,
         seed=config.seed,
-        pruning=_pruning_schedule(config),
+        pruning=_pruning_schedule(config, task),
     )
     round_started = time.perf_counter()
     initial_accuracy = 0.0
@@ -63,7 +63,7 @@ def run_federation(
         nonlocal round_started, initial_accuracy
 
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(model, x_held_out, y_held_out)
+        loss, accuracy = task.evaluate(model, x_held_out, y_held_out)
         if server_round == 0:
             initial_accuracy = accuracy
             round_started = time.perf_counter()
@@ -85,7 +85,7 @@ def run_federation(
         round_started = time.perf_counter()
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    instructions = _instructions(config)
+    instructions = _instructions(config, task)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
@@ -102,9 +102,10 @@ def run_federation(
     return report
 
 
-def _instructions(config: RunConfig) -> ConfigRecord:
+def _instructions(config: RunConfig, task: Task) -> ConfigRecord:
     return RoundInstructions(
         server_round=1,
+        task=task.name,
         compression=config.compression,
         error_feedback=config.error_feedback,
         local_epochs=config.local_epochs,
@@ -118,23 +119,31 @@ def _instructions(config: RunConfig) -> ConfigRecord:
     ).to_config_record()
 
 
-def _pruning_schedule(config: RunConfig) -> PruningSchedule | None:
+def _pruning_schedule(config: RunConfig, task: Task) -> PruningSchedule | None:
     if config.pruning == "none":
         return None
+    chain = task.channel_chain()
+    if config.pruning == "channel" and not chain:
+        raise ValueError(
+            f"invalid value 'channel' for pruning: task '{task.name}' names no channel chain; "
+            "use 'global' or 'layer', or give the task a channel_chain()"
+        )
     return PruningSchedule(
         kind=config.pruning,
         target_sparsity=config.target_sparsity,
         end_round=config.resolved_pruning_end_round,
-        chain=CHANNEL_CHAIN,
+        chain=chain,
     )
 
 
-def _new_report(config: RunConfig, federation: HarFederation, model: torch.nn.Module) -> Report:
+def _new_report(config: RunConfig, task: Task, model: torch.nn.Module) -> Report:
+    train_people, held_out_people = task.data_owners()
     return Report(
         run_name=config.run_name,
+        task=config.task,
         config=config.model_dump(mode="json", by_alias=True),
-        train_people=list(federation.split.train_people),
-        held_out_people=list(federation.split.held_out_people),
+        train_people=train_people,
+        held_out_people=held_out_people,
         num_parameters=sum(parameter.numel() for parameter in model.parameters()),
     )
 
@@ -151,6 +160,8 @@ def _round_record(
         clients=traffic.clients,
         sampled_clients=traffic.sampled_clients,
         failed_clients=traffic.failed_clients,
+        declined_clients=traffic.declined_clients,
+        decline_reasons=dict(traffic.decline_reasons),
         uplink_bytes=traffic.uplink_bytes,
         uplink_message_bytes=traffic.uplink_message_bytes,
         uplink_float32_bytes=traffic.uplink_float32_bytes,

@@ -1,5 +1,7 @@
 """The run report: a pydantic model written as report.json and rounds.csv."""
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -22,6 +24,12 @@ class RoundRecord(BaseModel):
     clients: int = Field(ge=0, description="Clients whose update was aggregated.")
     sampled_clients: int = Field(ge=0, description="Clients that were sent the round.")
     failed_clients: int = Field(ge=0, description="Replies that failed or did not decode.")
+    declined_clients: int = Field(
+        0, ge=0, description="Phones that declined the round (a dropout, not a failure)."
+    )
+    decline_reasons: dict[str, int] = Field(
+        default_factory=dict, description="Declined phones counted by the reason they gave."
+    )
     uplink_bytes: int = Field(ge=0, description="Sum of the wire-format payload lengths, in bytes.")
     uplink_message_bytes: int = Field(
         ge=0, description="Sum of the reply sizes as Flower serializes them, in bytes."
@@ -79,9 +87,14 @@ class Report(BaseModel):
 
     schema_version: int = REPORT_SCHEMA_VERSION
     run_name: str
+    task: str = Field("har", description="The task the run trained: 'har' or an import path.")
     config: dict[str, Any] = Field(description="The RunConfig of the run, as JSON.")
-    train_people: list[int]
-    held_out_people: list[int]
+    train_people: list[int] = Field(
+        default_factory=list, description="Data owners that train as phones; empty if the task has none."
+    )
+    held_out_people: list[int] = Field(
+        default_factory=list, description="Data owners kept for central evaluation."
+    )
     num_parameters: int
     rounds: list[RoundRecord] = Field(default_factory=list)
     summary: Summary | None = None
@@ -94,11 +107,13 @@ def write_report(report: Report, run_dir: Path) -> Path:
     _write_atomically(path, report.model_dump_json(indent=2) + "\n")
 
     columns = list(RoundRecord.model_fields)
-    lines = [",".join(columns)]
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(columns)
     for record in report.rounds:
         values = record.model_dump()
-        lines.append(",".join(_csv_cell(values[column]) for column in columns))
-    _write_atomically(run_dir / ROUNDS_FILE, "\n".join(lines) + "\n")
+        writer.writerow([_csv_cell(values[column]) for column in columns])
+    _write_atomically(run_dir / ROUNDS_FILE, table.getvalue())
     return path
 
 
@@ -113,7 +128,11 @@ def report_json_schema() -> str:
 
 
 def _csv_cell(value: Any) -> str:
-    return "" if value is None else str(value)
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -10,9 +10,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pocketfl.server.config import RunConfig, load_run_config, prepare_folders
+from pocketfl.server.config import RunConfig, load_run_config, prepare_folders, resolve_num_clients
 from pocketfl.server.federation import MODEL_FILE
 from pocketfl.server.report import REPORT_FILE, ROUNDS_FILE, Report, RoundRecord
+from pocketfl.tasks.base import resolve_task
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning for phones.")
 console = Console()
@@ -36,6 +37,9 @@ def _root() -> None:
 
 @cli.command()
 def simulate(
+    task: Annotated[
+        str, typer.Option(help="Task: 'har', or a Task class as 'package.module:ClassName'.")
+    ] = "har",
     rounds: Annotated[int, typer.Option(help="Federated rounds (1 to 1000).")] = 20,
     clients: Annotated[
         int | None, typer.Option(help="Simulated phones; default one per training person.")
@@ -66,10 +70,11 @@ def simulate(
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
-    """Run federated activity recognition across simulated phones and write a report."""
+    """Run a federation across simulated phones (default: activity recognition) and write a report."""
     try:
         config = load_run_config(
             {
+                "task": task,
                 "num_server_rounds": rounds,
                 "num_clients": clients,
                 "compression": compression,
@@ -87,6 +92,8 @@ def simulate(
             },
             OPTION_NAMES,
         )
+        task_factory = resolve_task(config.task)
+        num_clients = resolve_num_clients(config, task_factory)
         replacing = (config.run_dir / REPORT_FILE).exists()
         prepare_folders(config, OPTION_NAMES)
     except ValueError as error:
@@ -99,7 +106,7 @@ def simulate(
     _configure_logging(verbose)
 
     console.print(
-        f"pocketfl: {config.resolved_num_clients} clients, {config.num_server_rounds} rounds, "
+        f"pocketfl: task '{config.task}', {num_clients} clients, {config.num_server_rounds} rounds, "
         f"compression '{config.compression}', error feedback {'on' if config.error_feedback else 'off'}, "
         f"downlink '{config.downlink_compression}'",
         highlight=False,
@@ -115,16 +122,16 @@ def simulate(
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        task = progress.add_task("starting the Simulation Engine", total=config.num_server_rounds)
+        progress_task = progress.add_task("starting the Simulation Engine", total=config.num_server_rounds)
 
         def on_round(record: RoundRecord) -> None:
             progress.update(
-                task,
+                progress_task,
                 completed=record.round,
                 description=f"accuracy {record.accuracy:.3f}, uplink {record.uplink_bytes:,} B",
             )
 
-        report = run_simulation(config, on_round)
+        report = run_simulation(config, on_round, task_factory)
 
     _print_summary(report)
     console.print(f"wrote {REPORT_FILE}, {ROUNDS_FILE} and {MODEL_FILE} in {config.run_dir}", highlight=False)

@@ -5,11 +5,12 @@ import os
 
 from flwr.simulation import run_simulation
 
-from pocketfl.client.app import app as client_app
+from pocketfl.client.app import build_client_app
 from pocketfl.server.app import build_server_app
-from pocketfl.server.config import RunConfig
+from pocketfl.server.config import RunConfig, resolve_num_clients
 from pocketfl.server.federation import RoundCallback
 from pocketfl.server.report import REPORT_FILE, Report, read_report
+from pocketfl.tasks.base import TaskFactory, resolve_task
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +30,23 @@ def backend_config(num_cpus: int | None = None) -> dict:
     }
 
 
-def simulate(config: RunConfig, on_round: RoundCallback | None = None) -> Report:
-    """Run `config` with one simulated SuperNode per client and return the report."""
+def simulate(
+    config: RunConfig,
+    on_round: RoundCallback | None = None,
+    task_factory: TaskFactory | None = None,
+) -> Report:
+    """Run `config` with one simulated SuperNode per client and return the report.
+
+    The task is `task_factory` when given, else the one `config.task` names.
+    """
     # Flower's telemetry would try the network, which simulations must not need.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # Ray keeps CUDA_VISIBLE_DEVICES alone for num_gpus=0 with this set, which
     # is what it will do by default and what silences its FutureWarning.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
-    num_clients = config.resolved_num_clients
+    task_factory = task_factory or resolve_task(config.task)
+    num_clients = resolve_num_clients(config, task_factory)
     config = config.model_copy(update={"num_clients": num_clients})
     logger.info("simulating %d clients for %d rounds", num_clients, config.num_server_rounds)
 
@@ -45,8 +54,8 @@ def simulate(config: RunConfig, on_round: RoundCallback | None = None) -> Report
     # It is still the in-process entry to the same Simulation Engine, and the
     # only one that needs no SuperLink process and can report progress here.
     run_simulation(
-        server_app=build_server_app(config, on_round),
-        client_app=client_app,
+        server_app=build_server_app(config, on_round, task_factory),
+        client_app=build_client_app(task_factory),
         num_supernodes=num_clients,
         backend_config=backend_config(),
     )

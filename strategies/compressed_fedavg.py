@@ -16,7 +16,6 @@ from pocketfl.compression import (
     parse_compression_spec,
     payload_float32_bytes,
 )
-
 from pocketfl.compression.pruning import Mask, apply_mask, compact_shapes, expand
 
 from .downlink import (
@@ -29,10 +28,15 @@ from .downlink import (
     DownlinkEncoder,
 )
 from .pruning import MASK_RECORD, PruningSchedule, prune_global
-from .replies import EVALUATE_METRICS, TRAIN_METRICS, WeightedMetrics, read_metrics
+from .replies import EVALUATE_METRICS, TRAIN_METRICS, WeightedMetrics, declined_reason, read_metrics
 from .streaming import StreamingMean
 
 logger = logging.getLogger(__name__)
+
+# Distinct decline reasons counted per round; any further reason counts as
+# "other", so that phones cannot grow the report without bound.
+MAX_DECLINE_REASONS = 16
+OTHER_REASON = "other"
 
 UPDATE_KEY = "update"
 PAYLOAD_KEY = "payload"
@@ -45,6 +49,8 @@ class RoundTraffic:
     sampled_clients: int = 0
     clients: int = 0
     failed_clients: int = 0
+    declined_clients: int = 0
+    decline_reasons: dict[str, int] = field(default_factory=dict)
     downlink_bytes: int = 0
     downlink_payload_bytes: int = 0
     downlink_float32_bytes: int = 0
@@ -52,6 +58,13 @@ class RoundTraffic:
     uplink_message_bytes: int = 0
     uplink_float32_bytes: int = 0
     train_seconds: list[float] = field(default_factory=list)
+
+    def add_decline(self, reason: str) -> None:
+        """Count one phone that declined the round, by reason."""
+        self.declined_clients += 1
+        if reason not in self.decline_reasons and len(self.decline_reasons) >= MAX_DECLINE_REASONS:
+            reason = OTHER_REASON
+        self.decline_reasons[reason] = self.decline_reasons.get(reason, 0) + 1
 
 
 class CompressedFedAvg(FedAvg):
@@ -96,6 +109,10 @@ class CompressedFedAvg(FedAvg):
         masked entries of the aggregate stay zero.
     **kwargs
         Those of `flwr.serverapp.strategy.FedAvg`.
+
+    A phone may decline a round with a ConfigRecord "declined" holding a
+    "reason"; it is counted in `RoundTraffic.declined_clients` by reason, as a
+    dropout rather than a failure.
 
     Train replies must carry a ConfigRecord "update" with the bytes entry
     "payload" and a MetricRecord "metrics" with "num-examples" and the keys of
@@ -181,7 +198,16 @@ class CompressedFedAvg(FedAvg):
                     "round %d: node %d failed to train: %s", server_round, node_id, reply.error.reason
                 )
                 continue
-            # Any reply without an error means the node rebuilt its downlink model.
+
+            # A phone that declined did not rebuild the downlink, so it stays
+            # out of `answered` and gets a full model next time.
+            reason = declined_reason(reply.content)
+            if reason is not None:
+                traffic.add_decline(reason)
+                logger.info("round %d: node %d declined to train: %s", server_round, node_id, reason)
+                continue
+
+            # Any other reply without an error means the node rebuilt its downlink model.
             answered.add(node_id)
 
             try:
@@ -203,11 +229,12 @@ class CompressedFedAvg(FedAvg):
 
         self._settle_versions(answered)
         logger.info(
-            "round %d: aggregated %d of %d replies (%d dropped)",
+            "round %d: aggregated %d of %d replies (%d dropped, %d declined)",
             server_round,
             traffic.clients,
             traffic.sampled_clients,
             traffic.failed_clients,
+            traffic.declined_clients,
         )
         if running_mean.count == 0:
             return None, None
@@ -242,6 +269,11 @@ class CompressedFedAvg(FedAvg):
                 logger.warning(
                     "round %d: node %d failed to evaluate: %s", server_round, node_id, reply.error.reason
                 )
+                continue
+
+            reason = declined_reason(reply.content)
+            if reason is not None:
+                logger.info("round %d: node %d declined to evaluate: %s", server_round, node_id, reason)
                 continue
             answered.add(node_id)
 

@@ -15,6 +15,12 @@ from pocketfl.compression import DecodeError
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
 
+# A phone that will not take part replies with ConfigRecord "declined" holding
+# a short text "reason" (the client writes these keys in its own module).
+DECLINED_KEY = "declined"
+REASON_KEY = "reason"
+MAX_REASON_LENGTH = 200
+
 # A phone reports its own example count, which weights its update. Counts above
 # this bound are rejected so that one reply cannot dominate the average.
 MAX_NUM_EXAMPLES = 10_000_000
@@ -58,6 +64,22 @@ def read_metrics(
             raise DecodeError(f"metric '{key}'={value!r} is outside [{low}, {high}]")
         values[key] = float(value)
     return weight, values
+
+
+def declined_reason(content: RecordDict) -> str | None:
+    """Return the reason of a reply that declines the round, or None if it does not decline.
+
+    The reason is cut to `MAX_REASON_LENGTH` printable characters, since it
+    comes from the phone and ends up in logs and the report.
+    """
+    if DECLINED_KEY not in content.config_records:
+        return None
+
+    reason = content.config_records[DECLINED_KEY].get(REASON_KEY)
+    if not isinstance(reason, str):
+        return "unspecified"
+    reason = "".join(character for character in reason if character.isprintable())
+    return reason.strip()[:MAX_REASON_LENGTH] or "unspecified"
 
 
 class WeightedMetrics:

@@ -10,21 +10,26 @@ this folder on PYTHONPATH.
 | 2 | honest, behind an extra MetricRecord | an extra metric key |
 | 3 | raises an exception | raises an exception |
 | 4 | honest update, re-encoded as float32 (`none`) | honest |
-| 5 and up | honest | honest |
+| 5 | declines: "not charging" | honest |
+| 6 and up | honest | honest |
 """
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pocketfl.client import app as honest
+from pocketfl.client.app import evaluate_round, train_round
+from pocketfl.client.decline import decline_reply
 from pocketfl.compression import UpdateCodec, decode_update
 from pocketfl.tasks.har.model import build_model
+from pocketfl.tasks.har.task import HarTask
 
 CORRUPT_PAYLOAD = 0
 NEGATIVE_SECONDS = 1
 EXTRA_RECORDS = 2
 RAISES = 3
 WRONG_SPEC = 4
+DECLINES = 5
+DECLINE_REASON = "not charging"
 
 app = ClientApp()
 
@@ -35,8 +40,10 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     if partition_id == RAISES:
         raise RuntimeError("simulated crash during training")
+    if partition_id == DECLINES:
+        return decline_reply(msg, DECLINE_REASON)
 
-    reply = honest.train(msg, context)
+    reply = train_round(HarTask, msg, context)
     payload = reply.content["update"]["payload"]
     metrics = dict(reply.content["metrics"])
 
@@ -65,7 +72,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if partition_id == RAISES:
         raise RuntimeError("simulated crash during evaluation")
 
-    reply = honest.evaluate(msg, context)
+    reply = evaluate_round(HarTask, msg, context)
     metrics = dict(reply.content["metrics"])
     if partition_id == CORRUPT_PAYLOAD:
         metrics["num-examples"] = 0

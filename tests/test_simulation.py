@@ -14,6 +14,7 @@ from pocketfl.simulations.engine import backend_config, simulate
 pytestmark = pytest.mark.simulation
 
 TESTS_DIR = Path(__file__).resolve().parent
+EXAMPLES_DIR = TESTS_DIR.parent / "examples"
 
 
 def _config(tmp_path, **overrides):
@@ -81,11 +82,13 @@ def test_bad_replies_cost_those_replies_not_the_round(tmp_path, monkeypatch):
     assert len(report.rounds) == 2
     for record in report.rounds:
         # Partitions 0 (corrupt payload), 1 (negative seconds), 3 (crash) and
-        # 4 (float32 where top-k was asked for) fail.
+        # 4 (float32 where top-k was asked for) fail; partition 5 declines.
         assert record.failed_clients == 4
-        assert record.clients == 2
+        assert record.declined_clients == 1
+        assert record.decline_reasons == {faulty_clients.DECLINE_REASON: 1}
+        assert record.clients == 1
         assert record.sampled_clients == 6
-        assert record.uplink_float32_bytes == 2 * 4 * report.num_parameters
+        assert record.uplink_float32_bytes == 1 * 4 * report.num_parameters
         assert record.mean_train_seconds >= 0
         assert 0.0 <= record.client_accuracy <= 1.0
     assert report.summary.completed_rounds == 2
@@ -98,3 +101,30 @@ def test_same_seed_gives_same_report(tmp_path):
 
     assert first.rounds[0].model_dump(exclude=timing) == second.rounds[0].model_dump(exclude=timing)
     assert first.held_out_people == second.held_out_people
+
+
+def test_a_task_other_than_har_trains(tmp_path, monkeypatch):
+    # The Ray workers import examples/blobs_task.py by name.
+    monkeypatch.setenv("PYTHONPATH", str(EXAMPLES_DIR))
+    monkeypatch.syspath_prepend(str(EXAMPLES_DIR))
+    config = _config(
+        tmp_path,
+        task="blobs_task:BlobsTask",
+        num_clients=4,
+        num_server_rounds=3,
+        learning_rate=0.1,
+        compression="q:8",
+        downlink_compression="none",
+    )
+
+    report = simulate(config)
+
+    assert report.task == "blobs_task:BlobsTask"
+    assert report.train_people == []
+    # 10 * 64 + 64 weights and biases, then 64 * 4 + 4.
+    assert report.num_parameters == 964
+    assert [record.clients for record in report.rounds] == [4, 4, 4]
+    assert report.rounds[0].uplink_float32_bytes == 4 * 4 * 964
+    # Four separable blobs: a few rounds take the MLP far above chance (0.25).
+    assert report.summary.final_accuracy > report.summary.initial_accuracy
+    assert report.summary.final_accuracy > 0.8

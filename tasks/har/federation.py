@@ -6,18 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pocketfl.tasks.base import ClientData
+
 from .data import load_har_windows
 from .partition import PeopleSplit, local_eval_mask, people_for_partition, split_people
-
-
-@dataclass(frozen=True)
-class ClientArrays:
-    """One client's local training and local evaluation windows."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_eval: np.ndarray
-    y_eval: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -30,13 +22,13 @@ class HarFederation:
     local_eval: np.ndarray
     split: PeopleSplit
 
-    def client_arrays(self, partition_id: int, num_partitions: int) -> ClientArrays:
+    def client_arrays(self, partition_id: int, num_partitions: int) -> ClientData:
         """Return the windows of the people that client `partition_id` holds."""
         people = people_for_partition(self.split.train_people, partition_id, num_partitions)
         mine = np.isin(self.person, people)
         train_rows = mine & ~self.local_eval
         eval_rows = mine & self.local_eval
-        return ClientArrays(
+        return ClientData(
             x_train=self.x[train_rows],
             y_train=self.y[train_rows],
             x_eval=self.x[eval_rows],

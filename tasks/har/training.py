@@ -1,26 +1,18 @@
 """Local training and evaluation of the HAR model on one CPU."""
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from pocketfl.tasks.base import TrainResult
 
 EVAL_BATCH_SIZE = 512
 
 # Clipping the gradient norm keeps SGD with momentum stable on the first rounds,
 # when a phone's few hundred windows give large, one-sided gradients.
 MAX_GRAD_NORM = 1.0
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Outcome of one local training run: examples seen, mean loss, wall time."""
-
-    num_examples: int
-    loss: float
-    seconds: float
 
 
 def train(
