@@ -63,6 +63,19 @@ def simulate(
         int, typer.Option(help="People kept for central evaluation.")
     ] = 6,
     seed: Annotated[int, typer.Option(help="Seed for the split, the model and the codecs.")] = 0,
+    pruning: Annotated[
+        str, typer.Option(help="Federated pruning: none, global, layer or channel.")
+    ] = "none",
+    target_sparsity: Annotated[
+        float, typer.Option(help="Share of weights pruned by the end of the schedule, in [0, 1).")
+    ] = 0.8,
+    pruning_end_round: Annotated[
+        int | None, typer.Option(help="Round at which pruning reaches the target; default 3/4 of the rounds.")
+    ] = None,
+    qat: Annotated[bool, typer.Option(help="Quantization-aware (int8 fake-quant) local training.")] = False,
+    memory_limit_mb: Annotated[
+        float | None, typer.Option(help="Device memory for training in MB; phones that need more decline.")
+    ] = None,
     name: Annotated[str, typer.Option(help="Run name; results go to OUTPUT_DIR/NAME/.")] = "har-default",
     output_dir: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
     cache_dir: Annotated[
@@ -86,6 +99,11 @@ def simulate(
                 "fraction_train": fraction_train,
                 "held_out_people": held_out_people,
                 "seed": seed,
+                "pruning": pruning,
+                "target_sparsity": target_sparsity,
+                "pruning_end_round": pruning_end_round,
+                "qat": qat,
+                "memory_limit_mb": memory_limit_mb,
                 "run_name": name,
                 "output_dir": output_dir,
                 "cache_dir": cache_dir,
