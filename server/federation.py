@@ -162,6 +162,7 @@ def _round_record(
         failed_clients=traffic.failed_clients,
         declined_clients=traffic.declined_clients,
         decline_reasons=dict(traffic.decline_reasons),
+        peak_train_memory_bytes=traffic.peak_memory_bytes,
         uplink_bytes=traffic.uplink_bytes,
         uplink_message_bytes=traffic.uplink_message_bytes,
         uplink_float32_bytes=traffic.uplink_float32_bytes,

@@ -28,7 +28,14 @@ from .downlink import (
     DownlinkEncoder,
 )
 from .pruning import MASK_RECORD, PruningSchedule, prune_global
-from .replies import EVALUATE_METRICS, TRAIN_METRICS, WeightedMetrics, declined_reason, read_metrics
+from .replies import (
+    EVALUATE_METRICS,
+    TRAIN_METRICS,
+    WeightedMetrics,
+    declined_reason,
+    optional_count,
+    read_metrics,
+)
 from .streaming import StreamingMean
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,7 @@ MAX_DECLINE_REASONS = 16
 OTHER_REASON = "other"
 
 UPDATE_KEY = "update"
+PEAK_MEMORY_METRIC = "peak-memory-bytes"
 PAYLOAD_KEY = "payload"
 
 
@@ -58,6 +66,8 @@ class RoundTraffic:
     uplink_message_bytes: int = 0
     uplink_float32_bytes: int = 0
     train_seconds: list[float] = field(default_factory=list)
+    # Largest "peak-memory-bytes" a client measured for its training, if any did.
+    peak_memory_bytes: int | None = None
 
     def add_decline(self, reason: str) -> None:
         """Count one phone that declined the round, by reason."""
@@ -226,6 +236,9 @@ class CompressedFedAvg(FedAvg):
             traffic.uplink_message_bytes += recorddict_to_proto(reply.content).ByteSize()
             traffic.uplink_float32_bytes += payload_float32_bytes(expected_shapes)
             traffic.train_seconds.append(metrics["train-seconds"])
+            peak = optional_count(reply.content, PEAK_MEMORY_METRIC)
+            if peak is not None:
+                traffic.peak_memory_bytes = max(peak, traffic.peak_memory_bytes or 0)
 
         self._settle_versions(answered)
         logger.info(
