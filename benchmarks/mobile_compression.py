@@ -1,11 +1,12 @@
 """Compressed models for phones: dense float32 against 80% pruning with int8, exported and measured.
 
-Runs the main job dense and with federated pruning (channel and global
-magnitude pruning to `--sparsity`, with quantization-aware training), exports
-each final model with `pocketfl export`, and prints the markdown rows recorded
-in docs/benchmarks.md: accuracy on the held-out people in each file's own
-runtime, bytes on disk, CPU latency per window, and the measured peak memory
-of one client's training round.
+Runs the main job dense and with federated pruning to `--sparsity` (channel
+pruning and global magnitude pruning, each with quantization-aware training).
+Then it exports each final model with `pocketfl export` and prints the
+markdown rows recorded in docs/benchmarks.md. The rows give accuracy on the
+held-out people in each file's own runtime, bytes on disk and CPU latency per
+window. The script also measures the peak memory of one client's training
+round.
 
     .venv/bin/python benchmarks/mobile_compression.py --output-dir runs/mobile
 """

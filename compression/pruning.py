@@ -29,20 +29,21 @@ PRUNING_KINDS = ("none", "global", "layer", "channel")
 
 
 def scheduled_sparsity(server_round: int, target: float, end_round: int) -> float:
-    """Sparsity to reach by `server_round` under the cubic schedule of Zhu and Gupta (2017).
+    """Return the sparsity to reach by `server_round` under a cubic schedule.
 
     Sparsity rises from 0 before round 1 to `target` at `end_round` and stays
-    there, fast at first and slowly near the target, so that the last pruning
-    steps remove little and later rounds recover the accuracy they cost.
+    there: `target * (1 - (1 - round / end_round) ** 3)`. It rises fast at
+    first and slowly near the target, so the last pruning steps remove little
+    and later rounds recover the accuracy they cost.
     """
     if end_round < 1:
-        raise ValueError(f"end_round={end_round} must be at least 1")
+        raise ValueError(f"invalid end_round {end_round}: use a round of 1 or more")
     progress = min(max(server_round / end_round, 0.0), 1.0)
     return target * (1.0 - (1.0 - progress) ** 3)
 
 
 def prunable_weights(shapes: Mapping[str, Sequence[int]]) -> list[str]:
-    """Names of the tensors unstructured pruning applies to: weights with two or more dimensions.
+    """Return the names of the tensors that unstructured pruning applies to: weights of 2 or more dimensions.
 
     Biases and other vectors are a small share of a model and cost accuracy
     out of proportion when pruned, so they stay dense.
@@ -90,8 +91,8 @@ def channel_mask(
     of one are the input channels of the next and only channel-wise layers
     (ReLU, pooling) sit between them. Removing output channel c of layer i
     masks row c of its weight, entry c of its bias and input column c of layer
-    i+1, so the model computes exactly what the narrower model would; see
-    `structured.shrink_channels`. Every hidden layer loses the same share of
+    i+1. The model then computes exactly what the narrower model of
+    `structured.shrink_channels` computes. Every hidden layer loses the same share of
     channels, the smallest share whose masked entries reach `sparsity` of the
     chain's parameters. At least one channel per layer stays.
     """
@@ -112,13 +113,13 @@ def channel_mask(
 
 
 def mask_sparsity(mask: Mask) -> float:
-    """Share of masked-out entries among the masked tensors (0 for an empty mask)."""
+    """Return the share of masked-out entries among the masked tensors (0 for an empty mask)."""
     total = sum(kept.size for kept in mask.values())
     return 1.0 - sum(int(kept.sum()) for kept in mask.values()) / total if total else 0.0
 
 
 def model_sparsity(tensors: Mapping[str, np.ndarray]) -> float:
-    """Share of exact zeros among all entries of `tensors`."""
+    """Return the share of exact zeros among all entries of `tensors`."""
     total = sum(np.asarray(values).size for values in tensors.values())
     zeros = sum(int((np.asarray(values) == 0).sum()) for values in tensors.values())
     return zeros / total if total else 0.0
@@ -145,7 +146,7 @@ def compact(tensors: Mapping[str, np.ndarray], mask: Mask) -> dict[str, np.ndarr
 
 
 def compact_shapes(shapes: Mapping[str, Sequence[int]], mask: Mask) -> dict[str, tuple[int, ...]]:
-    """Shapes that `compact` gives for tensors of `shapes`."""
+    """Return the shapes that `compact` gives for tensors of `shapes`."""
     return {
         name: (int(mask[name].sum()),) if name in mask else tuple(shape) for name, shape in shapes.items()
     }
@@ -258,7 +259,7 @@ def _channel_mask_with_share(
 
 def _check_sparsity(sparsity: float) -> None:
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity={sparsity} must be at least 0 and below 1")
+        raise ValueError(f"invalid sparsity {sparsity}: use a value from 0 up to, but not including, 1")
 
 
 # Fields of the mask as it travels in a train message (a Flower ConfigRecord
@@ -288,7 +289,7 @@ def mask_from_fields(fields: Mapping, shapes: Mapping[str, Sequence[int]]) -> Ma
 def decide_mask(
     weights: Mapping[str, np.ndarray], kind: str, sparsity: float, chain: Sequence[str] = ()
 ) -> Mask:
-    """Mask of `kind` ("global", "layer" or "channel") at `sparsity` for the model `weights`."""
+    """Return the mask of `kind` ("global", "layer" or "channel") at `sparsity` for the model `weights`."""
     if kind in ("global", "layer"):
         return magnitude_mask(weights, sparsity, scope=kind)
     if kind == "channel":

@@ -15,9 +15,9 @@ def shrink_channels(model: nn.Module, chain: Sequence[str]) -> nn.Module:
     `chain` is the one that `pruning.channel_mask` pruned: Conv or Linear
     modules in order, the output channels of one feeding the next through
     channel-wise layers only. An output channel whose weights and bias are all
-    zero outputs a constant zero, through ReLU and pooling too, so dropping it
-    and the next layer's matching input column leaves the outputs unchanged
-    while the model really gets smaller (fewer bytes, fewer multiply-adds).
+    zero outputs a constant zero, and ReLU and pooling keep it zero. Dropping
+    it and the next layer's matching input column leaves the outputs
+    unchanged, and the model gets smaller: fewer bytes, fewer multiply-adds.
     The last layer of the chain keeps all of its outputs.
     """
     narrow = copy.deepcopy(model)

@@ -62,7 +62,7 @@ def test_int8_model_stays_close_to_float(windows, pruned_model):
     assert (int8_logits - float_logits).abs().max() < 0.05 * scale
 
 
-def test_fake_quant_training_keeps_keys_mask_and_rounds_forward(windows):
+def test_qat_keeps_mask_and_int8_grid(windows):
     model = build_model(seed=0)
     weights = {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()}
     mask = magnitude_mask(weights, 0.5)
