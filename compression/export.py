@@ -8,6 +8,7 @@ onnxruntime), so a check against the PyTorch outputs tests the file a phone
 would load.
 """
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,82 @@ def onnx_runner(path: Path):
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda inputs: session.run(None, {name: inputs})[0]
+
+
+class _Unsqueezed(nn.Module):
+    """A model of 2-D layers fed with 1-D inputs `(batch, channels, length)` as `(batch, channels, 1, length)`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the height axis and run the 2-D model."""
+        return self.model(x.unsqueeze(2))
+
+
+def as_conv2d(model: nn.Module, example_input: torch.Tensor, tolerance: float = 1e-5) -> nn.Module:
+    """Return `model` with its 1-D convolutions and pools as 2-D ones of height 1, if outputs stay equal.
+
+    XNNPACK has no 1-D convolution or pooling: ExecuTorch lowers each 1-D
+    layer as a 2-D one between reshapes, and max pooling with indices falls
+    outside the delegate. The graph then splits into several XNNPACK
+    partitions, each with its own quantize steps and tensor metadata.
+    Written in 2-D from the start, the whole model is one partition: the
+    file gets smaller and faster. The rewrite only holds for models that
+    flatten or otherwise do not depend on the number of axes, so it is
+    checked on `example_input` and the original model is returned if the
+    outputs differ by more than `tolerance` or the 2-D model fails.
+    """
+    rewritten = _Unsqueezed(_replace_1d_layers(copy.deepcopy(model))).eval()
+    try:
+        with torch.no_grad():
+            matches = torch.allclose(rewritten(example_input), model(example_input), atol=tolerance, rtol=0)
+    except RuntimeError:
+        matches = False
+    return rewritten if matches else model
+
+
+def _replace_1d_layers(module: nn.Module) -> nn.Module:
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Conv1d):
+            replacement = nn.Conv2d(
+                child.in_channels,
+                child.out_channels,
+                (1, child.kernel_size[0]),
+                stride=(1, child.stride[0]),
+                padding=(0, child.padding[0]) if not isinstance(child.padding, str) else child.padding,
+                dilation=(1, child.dilation[0]),
+                groups=child.groups,
+                bias=child.bias is not None,
+                padding_mode=child.padding_mode,
+            )
+            replacement.weight = nn.Parameter(child.weight.detach().unsqueeze(2).clone())
+            if child.bias is not None:
+                replacement.bias = nn.Parameter(child.bias.detach().clone())
+        elif isinstance(child, nn.MaxPool1d) and not child.return_indices:
+            replacement = nn.MaxPool2d(
+                (1, _single(child.kernel_size)),
+                stride=(1, _single(child.stride)),
+                padding=(0, _single(child.padding)),
+                dilation=(1, _single(child.dilation)),
+                ceil_mode=child.ceil_mode,
+            )
+        elif isinstance(child, nn.AvgPool1d):
+            replacement = nn.AvgPool2d(
+                (1, _single(child.kernel_size)),
+                stride=(1, _single(child.stride)),
+                padding=(0, _single(child.padding)),
+                ceil_mode=child.ceil_mode,
+                count_include_pad=child.count_include_pad,
+            )
+        elif isinstance(child, nn.AdaptiveAvgPool1d):
+            replacement = nn.AdaptiveAvgPool2d((1, _single(child.output_size)))
+        else:
+            replacement = _replace_1d_layers(child)
+        setattr(module, name, replacement)
+    return module
+
+
+def _single(value) -> int:
+    return value[0] if isinstance(value, tuple | list) else value

@@ -16,6 +16,7 @@ import torch
 
 from pocketfl.compression.export import (
     Standardized,
+    as_conv2d,
     executorch_runner,
     export_executorch,
     export_onnx,
@@ -96,11 +97,14 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
     model.load_state_dict(torch.load(run_dir / MODEL_FILE, weights_only=True))
     dense_parameters = sum(parameter.numel() for parameter in model.parameters())
     narrow = shrink_channels(model, task.channel_chain()) if task.channel_chain() else model
+    example = torch.from_numpy(inputs.x_held_out[:2])
     if inputs.mean is not None:
-        narrow = Standardized(narrow, inputs.mean, inputs.std)
+        example_standardized = (example - torch.from_numpy(inputs.mean)) / torch.from_numpy(inputs.std)
+        narrow = Standardized(as_conv2d(narrow.eval(), example_standardized), inputs.mean, inputs.std)
+    else:
+        narrow = as_conv2d(narrow.eval(), example)
     narrow = narrow.eval()
 
-    example = torch.from_numpy(inputs.x_held_out[:2])
     calibration = torch.from_numpy(inputs.calibration).split(128)
     variants = {
         "float32": narrow,

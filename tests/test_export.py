@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pocketfl.compression.export import export_executorch, export_onnx, run_executorch, run_onnx
+from pocketfl.compression.export import as_conv2d, export_executorch, export_onnx, run_executorch, run_onnx
 from pocketfl.compression.pruning import apply_mask, channel_mask, magnitude_mask, masked_training
 from pocketfl.compression.quantization import fake_quant_training, quantize_int8
 from pocketfl.compression.structured import shrink_channels
@@ -81,3 +81,27 @@ def test_qat_keeps_mask_and_int8_grid(windows):
     for name, kept in mask.items():
         assert np.all(trained[name][~kept] == 0)
     assert any(not np.array_equal(trained[name], weights[name]) for name in weights)
+
+
+def test_conv2d_rewrite_matches_and_shrinks_pte(tmp_path, windows, pruned_model):
+    example = torch.from_numpy(windows[:2])
+    rewritten = as_conv2d(pruned_model, example)
+
+    assert rewritten is not pruned_model
+    torch.testing.assert_close(rewritten(torch.from_numpy(windows)), pruned_model(torch.from_numpy(windows)))
+    one_d = export_executorch(pruned_model, example[:1], tmp_path / "1d.pte")
+    two_d = export_executorch(rewritten, example[:1], tmp_path / "2d.pte")
+    assert two_d.stat().st_size < one_d.stat().st_size
+
+
+def test_conv2d_rewrite_keeps_model_that_needs_three_axes():
+    class LastStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(6, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x)[:, :, -1]
+
+    model = LastStep().eval()
+    assert as_conv2d(model, torch.randn(2, 6, 16)) is model
