@@ -72,6 +72,8 @@ def test_pruned_federation_keeps_final_model_sparse(tmp_path):
     for record in report.rounds:
         assert record.clients == 3
         assert record.failed_clients == 0
+        # At least the model and one client's local data.
+        assert record.peak_train_memory_bytes > 4 * 32_230 + 100 * 6 * 128 * 4
     state = torch.load(tmp_path / "pruned" / "final_model.pt")
     weights = {name: tensor.numpy() for name, tensor in state.items() if tensor.dim() >= 2}
     zeros = sum(int((values == 0).sum()) for values in weights.values())
