@@ -14,8 +14,8 @@ from pocketfl.compression.pruning import Mask, compact, expand
 from pocketfl.tasks.base import ClientData, Task, TaskFactory, TaskSettings, TrainSettings
 from pocketfl.tasks.har.task import HarTask
 
-from .downlink import receive_model
 from .decline import decline_reply
+from .downlink import receive_model
 from .instructions import RoundInstructions
 from .memory import memory_limit_bytes, training_peak_bytes
 from .pruned_training import compressed_training, read_mask
