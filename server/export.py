@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zstandard
 
 from pocketfl.compression.export import (
     Standardized,
@@ -50,6 +51,9 @@ class ExportedFile:
     precision: str
     parameters: int
     bytes: int
+    # The file compressed with zstd (level 19): what a sparse model costs to
+    # download. The runtime loads the decompressed file.
+    zstd_bytes: int
     sparsity: float
     accuracy: float
     pytorch_accuracy: float
@@ -134,6 +138,7 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
                     precision=precision,
                     parameters=sum(values.size for values in _weights(narrow)),
                     bytes=path.stat().st_size,
+                    zstd_bytes=len(zstandard.ZstdCompressor(level=19).compress(path.read_bytes())),
                     sparsity=1.0 - nonzero / dense_parameters,
                     accuracy=float((outputs.argmax(1) == inputs.y_held_out).mean()),
                     pytorch_accuracy=pytorch_accuracy,

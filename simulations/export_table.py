@@ -12,7 +12,7 @@ from pocketfl.server.export import ExportedFile
 def print_export_table(console: Console, exported: Sequence[ExportedFile]) -> None:
     """Print one row per exported file: size, sparsity, accuracy in its runtime, latency."""
     table = Table(title="exported models", box=box.SIMPLE_HEAD, pad_edge=False)
-    columns = ("file", "params", "bytes", "sparsity", "acc", "torch", "max|d|", "ms")
+    columns = ("file", "params", "bytes", "zstd", "sparsity", "acc", "torch", "max|d|", "ms")
     for column in columns:
         table.add_column(column, justify="left" if column == "file" else "right", no_wrap=True)
     for item in exported:
@@ -20,6 +20,7 @@ def print_export_table(console: Console, exported: Sequence[ExportedFile]) -> No
             item.name,
             f"{item.parameters:,}",
             f"{item.bytes:,}",
+            f"{item.zstd_bytes:,}",
             f"{item.sparsity:.3f}",
             f"{item.accuracy:.4f}",
             f"{item.pytorch_accuracy:.4f}",
@@ -28,7 +29,8 @@ def print_export_table(console: Console, exported: Sequence[ExportedFile]) -> No
         )
     console.print(table)
     console.print(
-        "params: parameters in the file after removing pruned channels; sparsity: share of the "
+        "params: parameters in the file after removing pruned channels; zstd: bytes after zstd "
+        "(download size); sparsity: share of the "
         "trained model's parameters that are zero or removed; acc: accuracy on the held-out "
         "people, run in the file's own runtime; torch: the same model in PyTorch; max|d|: "
         "largest logit difference from PyTorch; ms: median CPU latency per window.",
