@@ -104,24 +104,6 @@ def run_onnx(path: Path, inputs: np.ndarray, batch_size: int = 512) -> np.ndarra
     return np.concatenate(outputs)
 
 
-class Standardized(nn.Module):
-    """`model` behind a fixed standardization `(x - mean) / std`, so an app feeds raw sensor values.
-
-    `mean` and `std` broadcast against the input, for example shape
-    (1, channels, 1) for per-channel statistics.
-    """
-
-    def __init__(self, model: nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("scale", 1.0 / torch.as_tensor(std, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardize `x` and return the model's outputs."""
-        return self.model((x - self.mean) * self.scale)
-
-
 def measure_latency(run_one, window: np.ndarray, repeats: int = 200) -> float:
     """Median wall time of `run_one(window)` in milliseconds, after 10 warm-up calls."""
     import time

@@ -1,12 +1,14 @@
 """`pocketfl export`: from a run's final model to the files a phone app loads (.pte, .onnx).
 
-The final model is narrowed (channels that pruning zeroed are removed), put
-behind the input standardization of the run, and written four ways:
-float32 and int8 (post-training quantization calibrated on training
-windows), each as an ExecuTorch program and as ONNX. Every file is loaded
-back in its own runtime and measured on the held-out people.
+The final model is narrowed (channels that pruning zeroed are removed) and
+written four ways: float32 and int8 (post-training quantization calibrated
+on training windows), each as an ExecuTorch program and as ONNX. Every file
+is loaded back in its own runtime and measured on the held-out people. For
+HAR, model_input.json tells an app how to standardize a raw window and
+names the classes.
 """
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,6 @@ import torch
 import zstandard
 
 from pocketfl.compression.export import (
-    Standardized,
     as_conv2d,
     executorch_runner,
     export_executorch,
@@ -29,7 +30,14 @@ from pocketfl.compression.export import (
 from pocketfl.compression.quantization import quantize_int8
 from pocketfl.compression.structured import shrink_channels
 from pocketfl.tasks.base import BUILTIN_TASK, Task, resolve_task
-from pocketfl.tasks.har.data import load_har_windows
+from pocketfl.tasks.har.data import (
+    ACTIVITY_NAMES,
+    CHANNEL_NAMES,
+    NUM_CHANNELS,
+    SAMPLE_RATE_HZ,
+    WINDOW_SIZE,
+    load_har_windows,
+)
 from pocketfl.tasks.har.partition import split_people
 
 from .config import load_run_config
@@ -40,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 # Training windows used to calibrate int8 activation ranges.
 CALIBRATION_WINDOWS = 512
+
+# How an app prepares the model's input and reads its output (HAR only).
+INPUT_SPEC_FILE = "model_input.json"
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,8 @@ class ExportedFile:
     accuracy: float
     pytorch_accuracy: float
     max_abs_difference: float
+    # Share of held-out windows whose predicted class equals PyTorch's.
+    agreement: float
     latency_ms: float
 
 
@@ -66,9 +79,6 @@ class _Inputs:
     x_held_out: np.ndarray
     y_held_out: np.ndarray
     calibration: np.ndarray
-    # Input standardization that the exported graph applies, if any.
-    mean: np.ndarray | None = None
-    std: np.ndarray | None = None
 
 
 def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | None = None) -> list[ExportedFile]:
@@ -92,22 +102,17 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
     if cache_dir is not None:
         config = config.model_copy(update={"cache_dir": cache_dir})
     task = resolve_task(config.task)(config.task_settings)
+    inputs = _task_inputs(task, config.seed)
     if config.task == BUILTIN_TASK:
-        inputs = _har_inputs(config.held_out_people, config.seed, config.cache_dir)
-    else:
-        inputs = _task_inputs(task, config.seed)
+        spec = _har_input_spec(config.held_out_people, config.seed, config.cache_dir)
+        (output_dir / INPUT_SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
     model = task.build_model()
     model.load_state_dict(torch.load(run_dir / MODEL_FILE, weights_only=True))
     dense_parameters = sum(parameter.numel() for parameter in model.parameters())
     narrow = shrink_channels(model, task.channel_chain()) if task.channel_chain() else model
     example = torch.from_numpy(inputs.x_held_out[:2])
-    if inputs.mean is not None:
-        example_standardized = (example - torch.from_numpy(inputs.mean)) / torch.from_numpy(inputs.std)
-        narrow = Standardized(as_conv2d(narrow.eval(), example_standardized), inputs.mean, inputs.std)
-    else:
-        narrow = as_conv2d(narrow.eval(), example)
-    narrow = narrow.eval()
+    narrow = as_conv2d(narrow.eval(), example).eval()
 
     calibration = torch.from_numpy(inputs.calibration).split(128)
     variants = {
@@ -143,6 +148,7 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
                     accuracy=float((outputs.argmax(1) == inputs.y_held_out).mean()),
                     pytorch_accuracy=pytorch_accuracy,
                     max_abs_difference=float(np.abs(outputs - expected).max()),
+                    agreement=float((outputs.argmax(1) == expected.argmax(1)).mean()),
                     latency_ms=measure_latency(runner, inputs.x_held_out[:1]),
                 )
             )
@@ -150,31 +156,32 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
     return exported
 
 
-def _har_inputs(held_out_people: int, seed: int, cache_dir: Path | None) -> _Inputs:
-    # Raw windows, because the exported HAR files standardize their input.
-    # The statistics are those of training people only, as in training
-    # (tasks.har.federation.load_federation).
+def _har_input_spec(held_out_people: int, seed: int, cache_dir: Path | None) -> dict:
+    """Describe the HAR model's input and output for an app: window, channels, standardization, classes.
+
+    The statistics are those of the training people, as in training (see
+    `tasks.har.federation.load_federation`). An app standardizes each channel
+    of a raw window with them before calling the model. Keeping this step out
+    of the graph keeps it out of the int8 quantization too.
+    """
     windows = load_har_windows(cache_dir)
     split = split_people(windows.person, held_out_people, seed)
     train_rows = np.isin(windows.person, split.train_people)
-    held_out_rows = np.isin(windows.person, split.held_out_people)
-    mean = windows.x[train_rows].mean(axis=(0, 2), keepdims=True)
-    std = windows.x[train_rows].std(axis=(0, 2), keepdims=True) + 1e-6
-
-    calibration_rows = np.random.default_rng(seed).choice(
-        np.flatnonzero(train_rows), size=min(CALIBRATION_WINDOWS, int(train_rows.sum())), replace=False
-    )
-    return _Inputs(
-        x_held_out=windows.x[held_out_rows].astype(np.float32),
-        y_held_out=windows.y[held_out_rows].astype(np.int64),
-        calibration=windows.x[np.sort(calibration_rows)].astype(np.float32),
-        mean=mean.astype(np.float32),
-        std=std.astype(np.float32),
-    )
+    mean = windows.x[train_rows].mean(axis=(0, 2))
+    std = windows.x[train_rows].std(axis=(0, 2)) + 1e-6
+    return {
+        "input_shape": ["batch", NUM_CHANNELS, WINDOW_SIZE],
+        "sample_rate_hz": SAMPLE_RATE_HZ,
+        "channels": list(CHANNEL_NAMES),
+        "mean": [float(value) for value in mean],
+        "std": [float(value) for value in std],
+        "standardize": "x[c, t] = (raw[c, t] - mean[c]) / std[c]",
+        "classes": list(ACTIVITY_NAMES),
+    }
 
 
 def _task_inputs(task: Task, seed: int) -> _Inputs:
-    # Another task's model takes its inputs as the task prepares them.
+    # Inputs as the task prepares them for training (for HAR: standardized).
     x_held_out, y_held_out = task.central_data()
     x_train = task.load_partition(0, 1).x_train
     rows = np.random.default_rng(seed).permutation(len(x_train))[:CALIBRATION_WINDOWS]
@@ -187,5 +194,4 @@ def _logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def _weights(model: torch.nn.Module) -> list[np.ndarray]:
-    # Parameters only: the standardization buffers are not trained weights.
     return [parameter.detach().numpy() for parameter in model.parameters()]
