@@ -19,11 +19,17 @@ from .downlink import receive_model
 from .instructions import RoundInstructions
 from .memory import memory_limit_bytes, training_peak_bytes
 from .pruned_training import compressed_training, read_mask
+from .policy import training_decline_reason
+from .residual_store import load_residual, residual_path, save_residual
 
 logger = logging.getLogger(__name__)
 
 RESIDUAL_KEY = "residual"
 MEMORY_KEY = "memory"
+
+# Decline reason of a phone whose training round would exceed its memory
+# limit; short and stable because the server counts rounds per reason.
+INSUFFICIENT_MEMORY = "insufficient-memory"
 
 # Error code of a reply whose downlink did not decode. Flower's own codes end
 # at 8; the server treats any error reply the same way.
@@ -63,8 +69,14 @@ def train_round(task_factory: TaskFactory, msg: Message, context: Context) -> Me
     "global" is the model this client rebuilt from the downlink, the one it
     trained from. With error feedback on, the residual (what the encoding
     dropped) lives in `context.state`, which Flower keeps for this node across
-    rounds. A downlink that does not decode gets an error reply.
+    rounds, or in the node config's `state-dir` on a device. A downlink that
+    does not decode gets an error reply; a phone that the device policy keeps
+    from training declines.
     """
+    decline = training_decline_reason(context.node_config)
+    if decline is not None:
+        return decline_reply(msg, decline)
+
     torch.set_num_threads(TORCH_THREADS)
     instructions = RoundInstructions.from_config_record(msg.content["config"])
     task = _task(task_factory, instructions.task_settings())
@@ -92,7 +104,7 @@ def train_round(task_factory: TaskFactory, msg: Message, context: Context) -> Me
     if limit is not None and peak_bytes > limit:
         # The reason is a label the server counts, so it names the limit only.
         logger.info("training needs %.1f MB, above the limit of %.1f MB", peak_bytes / 1e6, limit / 1e6)
-        return decline_reply(msg, f"insufficient memory: training needs more than {limit / 1e6:g} MB")
+        return decline_reply(msg, INSUFFICIENT_MEMORY)
 
     result = run_training(model, data, settings)
 
@@ -215,8 +227,11 @@ def _encode(
     if not instructions.error_feedback:
         return codec.encode(delta, seed)
 
+    stored_at = residual_path(context.node_config)
     residual = None
-    if RESIDUAL_KEY in context.state.array_records:
+    if stored_at is not None:
+        residual = load_residual(stored_at, shapes)
+    elif RESIDUAL_KEY in context.state.array_records:
         residual = {
             name: array.numpy() for name, array in context.state.array_records[RESIDUAL_KEY].items()
         }
@@ -228,7 +243,10 @@ def _encode(
     residual = expand(residual, mask, shapes)
 
     # Error feedback costs one extra float32 copy of the model per client.
-    context.state[RESIDUAL_KEY] = ArrayRecord({name: Array(values) for name, values in residual.items()})
+    if stored_at is not None:
+        save_residual(stored_at, residual)
+    else:
+        context.state[RESIDUAL_KEY] = ArrayRecord({name: Array(values) for name, values in residual.items()})
     return payload
 
 

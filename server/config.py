@@ -94,6 +94,19 @@ class RunConfig(BaseModel):
         gt=0.0,
         description="Device memory for training; a client whose round needs more declines it.",
     )
+    resume: bool = Field(
+        False,
+        description=(
+            "Continue from the run folder's checkpoint, if there is one; "
+            "false starts over and deletes it."
+        ),
+    )
+    round_timeout: float = Field(
+        3600.0,
+        gt=0.0,
+        le=86400.0,
+        description="Seconds the server waits for the replies of one round before going on without the rest.",
+    )
     output_dir: Path = Field(Path("runs"), description="Folder that receives run folders.")
     cache_dir: Path | None = Field(
         None, description="HAR cache folder; default POCKETFL_CACHE_DIR or ~/.cache/pocketfl."

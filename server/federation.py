@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from pocketfl.client.instructions import RoundInstructions
@@ -14,8 +14,11 @@ from pocketfl.strategies import CompressedFedAvg
 from pocketfl.strategies.pruning import PruningSchedule
 from pocketfl.tasks.base import Task, TaskFactory
 
+from .checkpoint import Checkpoint, capture_rng_state, save_checkpoint
 from .config import RunConfig, prepare_folders
 from .report import Report, RoundRecord, Summary, write_report
+from .resume import prepare_resume
+from .rounds import ContinuedRounds
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +36,10 @@ def run_federation(
     """Run `config.num_server_rounds` rounds of compressed FedAvg and write the results.
 
     After each round the global model is evaluated on the task's central data
-    (HAR: the held-out people), the round is appended to the report on disk,
-    and `on_round` is called with it.
+    (HAR: the held-out people), the round is appended to the report on disk, a
+    checkpoint is written, and `on_round` is called with the round. With
+    `config.resume`, a run whose server died continues after the last round
+    in its checkpoint.
     """
     started = time.perf_counter()
     prepare_folders(config)
@@ -56,8 +61,17 @@ def run_federation(
         seed=config.seed,
         pruning=_pruning_schedule(config, task),
     )
-    round_started = time.perf_counter()
+    initial_arrays = ArrayRecord(model.state_dict())
     initial_accuracy = 0.0
+    completed_rounds = 0
+    resumed = prepare_resume(config, strategy)
+    if resumed is not None:
+        checkpoint, report = resumed
+        initial_arrays = ArrayRecord({name: Array(values) for name, values in checkpoint.model.items()})
+        initial_accuracy = checkpoint.initial_accuracy
+        completed_rounds = checkpoint.completed_rounds
+    rounds = ContinuedRounds(strategy, completed_rounds)
+    round_started = time.perf_counter()
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal round_started, initial_accuracy
@@ -70,8 +84,12 @@ def run_federation(
             return MetricRecord({"accuracy": accuracy, "loss": loss})
 
         record = _round_record(strategy, server_round, accuracy, loss, round_started)
+        client_metrics = rounds.client_evaluate_metrics.get(server_round)
+        if client_metrics is not None and "accuracy" in client_metrics:
+            record.client_accuracy = float(client_metrics["accuracy"])
         report.rounds.append(record)
         write_report(report, config.run_dir)
+        _save_checkpoint(config, server_round, arrays, report, strategy, initial_accuracy)
         logger.info(
             "round %d: accuracy %.4f, uplink %d bytes (%.1fx below float32), downlink payloads %d bytes",
             server_round,
@@ -85,21 +103,44 @@ def run_federation(
         round_started = time.perf_counter()
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    instructions = _instructions(config, task)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=config.num_server_rounds,
-        train_config=instructions,
-        evaluate_config=instructions,
-        evaluate_fn=evaluate_global,
-    )
+    final_arrays = initial_arrays
+    remaining_rounds = config.num_server_rounds - completed_rounds
+    if remaining_rounds > 0:
+        instructions = _instructions(config, task)
+        result = rounds.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=remaining_rounds,
+            timeout=config.round_timeout,
+            train_config=instructions,
+            evaluate_config=instructions,
+            evaluate_fn=rounds.wrap_evaluate_fn(evaluate_global),
+        )
+        final_arrays = result.arrays
 
-    _attach_client_accuracy(report, result.evaluate_metrics_clientapp)
     report.summary = _summary(report, initial_accuracy, time.perf_counter() - started)
     write_report(report, config.run_dir)
-    torch.save(result.arrays.to_torch_state_dict(), config.run_dir / MODEL_FILE)
+    torch.save(final_arrays.to_torch_state_dict(), config.run_dir / MODEL_FILE)
     return report
+
+
+def _save_checkpoint(
+    config: RunConfig,
+    server_round: int,
+    arrays: ArrayRecord,
+    report: Report,
+    strategy: CompressedFedAvg,
+    initial_accuracy: float,
+) -> None:
+    checkpoint = Checkpoint(
+        completed_rounds=server_round,
+        model={name: array.numpy() for name, array in arrays.items()},
+        report=report.model_dump(mode="json"),
+        initial_accuracy=initial_accuracy,
+        strategy_state=strategy.checkpoint_state(),
+        rng_state=capture_rng_state(),
+    )
+    save_checkpoint(checkpoint, config.run_dir)
 
 
 def _instructions(config: RunConfig, task: Task) -> ConfigRecord:
@@ -173,15 +214,6 @@ def _round_record(
         mean_train_seconds=float(np.mean(traffic.train_seconds)) if traffic.train_seconds else 0.0,
         wall_seconds=time.perf_counter() - round_started,
     )
-
-
-def _attach_client_accuracy(report: Report, client_metrics: dict[int, MetricRecord]) -> None:
-    # Federated evaluation runs after the central evaluation of a round, so its
-    # result is attached once the strategy has finished.
-    for record in report.rounds:
-        metrics = client_metrics.get(record.round)
-        if metrics is not None and "accuracy" in metrics:
-            record.client_accuracy = float(metrics["accuracy"])
 
 
 def _summary(report: Report, initial_accuracy: float, wall_seconds: float) -> Summary:

@@ -90,6 +90,15 @@ class Summary(BaseModel):
     wall_seconds: float
 
 
+class ResumeRecord(BaseModel):
+    """A server restart that continued the run from its checkpoint."""
+
+    after_round: int = Field(ge=1, description="Last round in the checkpoint; the restart ran the next one.")
+    model_sha256: str = Field(
+        description="SHA-256 of the restored global model's tensors (names, dtypes, shapes, bytes)."
+    )
+
+
 class Report(BaseModel):
     """Everything a run measured, written to <run-dir>/report.json."""
 
@@ -106,6 +115,7 @@ class Report(BaseModel):
     num_parameters: int
     rounds: list[RoundRecord] = Field(default_factory=list)
     summary: Summary | None = None
+    resumes: list[ResumeRecord] = Field(default_factory=list)
 
 
 def write_report(report: Report, run_dir: Path) -> Path:

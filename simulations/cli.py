@@ -1,4 +1,4 @@
-"""The `pocketfl` command line: `pocketfl simulate` runs the HAR federation."""
+"""The `pocketfl` command line: `simulate` runs the HAR federation, `certs` and `node-keys` prepare deployment."""
 
 import logging
 from pathlib import Path
@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pocketfl.server.config import RunConfig, load_run_config, prepare_folders, resolve_num_clients
+from pocketfl.server.credentials import PUBLIC_KEY_LIST_FILE, create_certificates, create_node_keys
 from pocketfl.server.federation import MODEL_FILE
 from pocketfl.server.report import REPORT_FILE, ROUNDS_FILE, Report, RoundRecord
 from pocketfl.tasks.base import resolve_task
@@ -178,6 +179,49 @@ def export(
         raise typer.Exit(code=2) from None
     print_export_table(console, exported)
     console.print(f"wrote {len(exported)} files in {output_dir or run_dir}", highlight=False)
+
+
+@cli.command()
+def certs(
+    host: Annotated[str, typer.Option(help="Host name or IP address that SuperNodes dial.")],
+    out_dir: Annotated[Path, typer.Option(help="Folder for the CA and server files.")] = Path("certificates"),
+    extra_host: Annotated[
+        list[str] | None, typer.Option(help="Another name or IP of the same host; repeat as needed.")
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity of the certificates, in days.")] = 365,
+) -> None:
+    """Create a CA and a SuperLink TLS certificate and key for HOST."""
+    try:
+        files = create_certificates(out_dir, host, tuple(extra_host or ()), days)
+    except (ValueError, OSError) as error:
+        raise _usage_error(error) from None
+    console.print(
+        f"wrote {files.ca_certificate} (give it to every SuperNode), {files.server_certificate}, "
+        f"and the private keys {files.server_key} and {files.ca_key} (mode 0600)",
+        highlight=False,
+    )
+
+
+@cli.command("node-keys")
+def node_keys(
+    names: Annotated[list[str], typer.Argument(help="One name per SuperNode, for example phone-1.")],
+    out_dir: Annotated[Path, typer.Option(help="Folder for the key pairs.")] = Path("node-keys"),
+) -> None:
+    """Create SuperNode authentication key pairs and the list of public keys to register."""
+    try:
+        created = create_node_keys(out_dir, names)
+    except (ValueError, OSError) as error:
+        raise _usage_error(error) from None
+    console.print(
+        f"wrote {len(created)} key pairs in {out_dir} (private keys mode 0600) and {PUBLIC_KEY_LIST_FILE}; "
+        "register each public key with `flwr supernode register KEY.pub SUPERLINK`",
+        highlight=False,
+    )
+
+
+def _usage_error(error: Exception) -> typer.Exit:
+    console.print(f"error: {error}", style="red", highlight=False)
+    return typer.Exit(code=2)
 
 
 def _configure_logging(verbose: bool) -> None:

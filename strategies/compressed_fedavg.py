@@ -155,6 +155,17 @@ class CompressedFedAvg(FedAvg):
         self._held_versions: dict[int, int] = {}
         self._sent_versions: dict[int, int] = {}
 
+    def checkpoint_state(self) -> dict[str, int]:
+        """Return what a restarted server needs to continue this strategy, as JSON-ready data."""
+        return {"downlink-last-version": self.downlink.last_version if self.downlink else NO_VERSION}
+
+    def restore_state(self, state: dict[str, int]) -> None:
+        """Continue from `checkpoint_state()`; every node gets a full downlink next."""
+        self._held_versions = {}
+        self._sent_versions = {}
+        if self.downlink is not None:
+            self.downlink.continue_after(int(state.get("downlink-last-version", NO_VERSION)))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:

@@ -87,6 +87,22 @@ class DownlinkEncoder:
         """Ids of the kept reconstructions, oldest first."""
         return tuple(self._versions)
 
+    @property
+    def last_version(self) -> int:
+        """Id of the newest version encoded so far; `NO_VERSION` before the first."""
+        return self._last_version
+
+    def continue_after(self, version: int) -> None:
+        """Number new versions after `version`, as a server restarted from a checkpoint does.
+
+        No reconstruction is kept, so every client gets a full encoding next:
+        a client may have rebuilt a broadcast that the checkpoint predates,
+        and a delta against a base the two sides disagree on would rebuild a
+        wrong model. Ids keep growing, so no version id (or its seed) repeats.
+        """
+        self._versions.clear()
+        self._last_version = max(self._last_version, version)
+
     def reconstruction(self, version: int) -> dict[str, np.ndarray]:
         """Return the model that a client holding `version` has; KeyError if not kept."""
         return self._versions[version]

@@ -90,4 +90,4 @@ def test_memory_limit_declines_round_with_reason(tmp_path):
     assert record.clients == 0
     assert record.failed_clients == 0
     assert record.declined_clients == 3
-    assert record.decline_reasons == {"insufficient memory: training needs more than 0.5 MB": 3}
+    assert record.decline_reasons == {"insufficient-memory": 3}

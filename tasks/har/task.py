@@ -1,5 +1,7 @@
 """HAR as a pocketfl Task: the HarCNN, one phone per person, held-out people on the server."""
 
+from collections.abc import Mapping
+
 import numpy as np
 from torch import nn
 
@@ -7,6 +9,7 @@ from pocketfl.tasks.base import ClientData, Task, TaskSettings, TrainResult, Tra
 
 from .federation import HarFederation, load_federation
 from .model import CHANNEL_CHAIN, build_model
+from .node_data import node_partition
 from .training import evaluate, train
 
 
@@ -45,6 +48,11 @@ class HarTask(Task):
 
     def load_partition(self, partition_id: int, num_partitions: int) -> ClientData:
         return self.federation.client_arrays(partition_id, num_partitions)
+
+    def client_data(self, node_config: Mapping[str, object]) -> ClientData:
+        """Return this phone's data: node config `person-id` on a device, partitions in simulation."""
+        partition_id, num_partitions = node_partition(node_config, self.federation.split.train_people)
+        return self.load_partition(partition_id, num_partitions)
 
     def central_data(self) -> tuple[np.ndarray, np.ndarray]:
         return self.federation.held_out_arrays()
