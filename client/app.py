@@ -1,5 +1,6 @@
 """The Flower ClientApp that runs on each phone: train locally, send a compressed update."""
 
+import dataclasses
 import functools
 import logging
 
@@ -9,18 +10,26 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from pocketfl.compression import DecodeError, UpdateCodec, encode_with_error_feedback
-from pocketfl.tasks.base import ClientData, Task, TaskFactory, TaskSettings
+from pocketfl.compression.pruning import Mask, compact, expand
+from pocketfl.tasks.base import ClientData, Task, TaskFactory, TaskSettings, TrainSettings
 from pocketfl.tasks.har.task import HarTask
 
 from .decline import decline_reply
 from .downlink import receive_model
 from .instructions import RoundInstructions
+from .memory import memory_limit_bytes, training_peak_bytes
+from .pruned_training import compressed_training, read_mask
 from .policy import training_decline_reason
 from .residual_store import load_residual, residual_path, save_residual
 
 logger = logging.getLogger(__name__)
 
 RESIDUAL_KEY = "residual"
+MEMORY_KEY = "memory"
+
+# Decline reason of a phone whose training round would exceed its memory
+# limit; short and stable because the server counts rounds per reason.
+INSUFFICIENT_MEMORY = "insufficient-memory"
 
 # Error code of a reply whose downlink did not decode. Flower's own codes end
 # at 8; the server treats any error reply the same way.
@@ -82,14 +91,27 @@ def train_round(task_factory: TaskFactory, msg: Message, context: Context) -> Me
 
     data = _client_data(task, context)
     global_state = {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()}
-
+    mask = read_mask(msg.content, {name: values.shape for name, values in global_state.items()})
     seed = _round_seed(instructions, context)
-    result = task.train(model, data, instructions.train_settings(seed))
+
+    def run_training(trained: torch.nn.Module, local_data: ClientData, settings: TrainSettings):
+        with compressed_training(trained, mask, instructions.qat):
+            return task.train(trained, local_data, settings)
+
+    settings = instructions.train_settings(seed)
+    peak_bytes = _training_peak_bytes(model, data, settings, instructions.qat, context, run_training)
+    limit = memory_limit_bytes(context.node_config, instructions.memory_limit_mb)
+    if limit is not None and peak_bytes > limit:
+        # The reason is a label the server counts, so it names the limit only.
+        logger.info("training needs %.1f MB, above the limit of %.1f MB", peak_bytes / 1e6, limit / 1e6)
+        return decline_reply(msg, INSUFFICIENT_MEMORY)
+
+    result = run_training(model, data, settings)
 
     delta = {
         name: tensor.numpy() - global_state[name] for name, tensor in model.state_dict().items()
     }
-    payload = _encode(delta, instructions, context, seed)
+    payload = _encode(delta, instructions, context, seed, mask)
 
     metrics = MetricRecord(
         {
@@ -97,6 +119,7 @@ def train_round(task_factory: TaskFactory, msg: Message, context: Context) -> Me
             "train-loss": result.loss,
             "train-seconds": result.seconds,
             "payload-bytes": len(payload),
+            "peak-memory-bytes": peak_bytes,
         }
     )
     content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": metrics})
@@ -162,25 +185,62 @@ def _round_seed(instructions: RoundInstructions, context: Context) -> int:
     return int(sequence.generate_state(1)[0])
 
 
+def _training_peak_bytes(
+    model: torch.nn.Module,
+    data: ClientData,
+    settings: TrainSettings,
+    qat: bool,
+    context: Context,
+    run_training,
+) -> int:
+    # The peak depends on the batch size, the data and QAT, not on the
+    # weights, so it is measured once per node and setting.
+    setting = f"{settings.batch_size}/{len(data.y_train)}/{qat}"
+    if MEMORY_KEY in context.state.config_records:
+        record = context.state.config_records[MEMORY_KEY]
+        if record.get("setting") == setting:
+            return int(record["peak-bytes"])
+
+    one_epoch = dataclasses.replace(settings, epochs=1)
+    peak = training_peak_bytes(
+        model,
+        data.x_train,
+        data.y_train,
+        settings.batch_size,
+        lambda probe, x, y: run_training(probe, ClientData(x, y, x[:0], y[:0]), one_epoch),
+    )
+    context.state[MEMORY_KEY] = ConfigRecord({"setting": setting, "peak-bytes": peak})
+    return peak
+
+
 def _encode(
     delta: dict[str, np.ndarray],
     instructions: RoundInstructions,
     context: Context,
     seed: int,
+    mask: Mask,
 ) -> bytes:
+    """Encode `delta`, with only the kept entries of masked tensors, and keep the residual."""
     codec = UpdateCodec(instructions.compression)
+    shapes = {name: values.shape for name, values in delta.items()}
+    delta = compact(delta, mask)
     if not instructions.error_feedback:
         return codec.encode(delta, seed)
 
     stored_at = residual_path(context.node_config)
     residual = None
     if stored_at is not None:
-        residual = load_residual(stored_at, {name: values.shape for name, values in delta.items()})
+        residual = load_residual(stored_at, shapes)
     elif RESIDUAL_KEY in context.state.array_records:
         residual = {
             name: array.numpy() for name, array in context.state.array_records[RESIDUAL_KEY].items()
         }
+    if residual is not None:
+        residual = compact(residual, mask)
     payload, residual = encode_with_error_feedback(codec, delta, residual, seed)
+    # The residual is kept at full shape, so it survives a mask that changes
+    # between rounds; what a pruned entry had left is dropped with it.
+    residual = expand(residual, mask, shapes)
 
     # Error feedback costs one extra float32 copy of the model per client.
     if stored_at is not None:

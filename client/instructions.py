@@ -30,6 +30,9 @@ class RoundInstructions(BaseModel):
     seed: int = Field(ge=0)
     cache_dir: str = ""
     partitioning: str = "people"
+    qat: bool = False
+    # Megabytes; 0 means no limit, for the ConfigRecord has no null.
+    memory_limit_mb: float = Field(0.0, ge=0.0)
 
     @field_validator("compression")
     @classmethod

@@ -3,7 +3,7 @@
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -102,6 +102,27 @@ class RunConfig(BaseModel):
         6, ge=1, le=NUM_PEOPLE - 2, description="People kept for central evaluation."
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the split, model and codecs.")
+    pruning: Literal["none", "global", "layer", "channel"] = Field(
+        "none",
+        description=(
+            "Federated pruning: 'global' or 'layer' magnitude pruning, 'channel' removes whole "
+            "channels (smaller exports), 'none' trains dense."
+        ),
+    )
+    target_sparsity: float = Field(
+        0.8, ge=0.0, lt=1.0, description="Share of pruned weights that the schedule reaches."
+    )
+    pruning_end_round: int | None = Field(
+        None,
+        ge=1,
+        description="Round at which sparsity reaches the target; default three quarters of the rounds.",
+    )
+    qat: bool = Field(False, description="Quantization-aware (fake-quant int8) local training.")
+    memory_limit_mb: float | None = Field(
+        None,
+        gt=0.0,
+        description="Device memory for training; a client whose round needs more declines it.",
+    )
     resume: bool = Field(
         False,
         description=(
@@ -160,6 +181,11 @@ class RunConfig(BaseModel):
     @classmethod
     def _check_compression(cls, value: str) -> str:
         return str(parse_compression_spec(value))
+
+    @property
+    def resolved_pruning_end_round(self) -> int:
+        """Round at which pruning reaches its target: the set one, or three quarters of the rounds."""
+        return self.pruning_end_round or max(1, (3 * self.num_server_rounds) // 4)
 
     @property
     def run_dir(self) -> Path:
@@ -253,6 +279,12 @@ def load_run_config(
             f"{config.num_train_people} training people, so use at most "
             f"{config.num_train_people} clients, hold out fewer people, or split the "
             "windows over virtual phones with --partitioning iid, dirichlet:ALPHA or size:SIGMA."
+        )
+    if config.pruning_end_round is not None and config.pruning_end_round > config.num_server_rounds:
+        option = (option_names or {}).get("pruning_end_round", "pruning-end-round")
+        raise ValueError(
+            f"invalid value {config.pruning_end_round} for {option}: pruning cannot end after the "
+            f"last round ({config.num_server_rounds}); use at most {config.num_server_rounds}."
         )
     return config
 

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from pocketfl.client.instructions import RoundInstructions
 from pocketfl.strategies import CompressedFedAvg
 from pocketfl.strategies.device_clock import DeviceClock
+from pocketfl.strategies.pruning import PruningSchedule
 from pocketfl.tasks.base import Task, TaskFactory
 
 from .checkpoint import Checkpoint, capture_rng_state, save_checkpoint
@@ -65,6 +66,7 @@ def run_federation(
         clock=clock,
         round_deadline=config.round_deadline,
         over_selection=config.over_selection,
+        pruning=_pruning_schedule(config, task),
     )
     initial_arrays = ArrayRecord(model.state_dict())
     initial_accuracy = 0.0
@@ -166,7 +168,26 @@ def _instructions(config: RunConfig, task: Task) -> ConfigRecord:
         seed=config.seed,
         cache_dir=str(config.cache_dir or ""),
         partitioning=config.partitioning,
+        qat=config.qat,
+        memory_limit_mb=config.memory_limit_mb or 0.0,
     ).to_config_record()
+
+
+def _pruning_schedule(config: RunConfig, task: Task) -> PruningSchedule | None:
+    if config.pruning == "none":
+        return None
+    chain = task.channel_chain()
+    if config.pruning == "channel" and not chain:
+        raise ValueError(
+            f"invalid value 'channel' for pruning: task '{task.name}' names no channel chain; "
+            "use 'global' or 'layer', or give the task a channel_chain()"
+        )
+    return PruningSchedule(
+        kind=config.pruning,
+        target_sparsity=config.target_sparsity,
+        end_round=config.resolved_pruning_end_round,
+        chain=chain,
+    )
 
 
 def _new_report(config: RunConfig, task: Task, model: torch.nn.Module) -> Report:
@@ -195,6 +216,7 @@ def _round_record(
         failed_clients=traffic.failed_clients,
         declined_clients=traffic.declined_clients,
         decline_reasons=dict(traffic.decline_reasons),
+        peak_train_memory_bytes=traffic.peak_memory_bytes,
         uplink_bytes=traffic.uplink_bytes,
         uplink_message_bytes=traffic.uplink_message_bytes,
         uplink_float32_bytes=traffic.uplink_float32_bytes,

@@ -30,6 +30,14 @@ class RoundRecord(BaseModel):
     decline_reasons: dict[str, int] = Field(
         default_factory=dict, description="Declined phones counted by the reason they gave."
     )
+    peak_train_memory_bytes: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Largest peak training memory that a client measured for its round, in bytes "
+            "(tensors: data, model, activations, gradients, optimizer state)."
+        ),
+    )
     uplink_bytes: int = Field(ge=0, description="Sum of the wire-format payload lengths, in bytes.")
     uplink_message_bytes: int = Field(
         ge=0, description="Sum of the reply sizes as Flower serializes them, in bytes."

@@ -75,6 +75,19 @@ def simulate(
         int, typer.Option(help="People kept for central evaluation.")
     ] = 6,
     seed: Annotated[int, typer.Option(help="Seed for the split, the model and the codecs.")] = 0,
+    pruning: Annotated[
+        str, typer.Option(help="Federated pruning: none, global, layer or channel.")
+    ] = "none",
+    target_sparsity: Annotated[
+        float, typer.Option(help="Share of weights pruned by the end of the schedule, in [0, 1).")
+    ] = 0.8,
+    pruning_end_round: Annotated[
+        int | None, typer.Option(help="Round at which pruning reaches the target; default 3/4 of the rounds.")
+    ] = None,
+    qat: Annotated[bool, typer.Option(help="Quantization-aware (int8 fake-quant) local training.")] = False,
+    memory_limit_mb: Annotated[
+        float | None, typer.Option(help="Device memory for training in MB; phones that need more decline.")
+    ] = None,
     name: Annotated[str, typer.Option(help="Run name; results go to OUTPUT_DIR/NAME/.")] = "har-default",
     output_dir: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
     cache_dir: Annotated[
@@ -123,6 +136,11 @@ def simulate(
                 "partitioning": partitioning,
                 "held_out_people": held_out_people,
                 "seed": seed,
+                "pruning": pruning,
+                "target_sparsity": target_sparsity,
+                "pruning_end_round": pruning_end_round,
+                "qat": qat,
+                "memory_limit_mb": memory_limit_mb,
                 "run_name": name,
                 "output_dir": output_dir,
                 "cache_dir": cache_dir,
@@ -265,6 +283,30 @@ def compare(
         f"wrote {TABLE_FILE}, {', '.join(PLOT_FILES.values())} and one folder per run in {base.run_dir}",
         highlight=False,
     )
+
+
+@cli.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Folder of a finished run, e.g. runs/har-default.")],
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Folder for the exported files; default RUN_DIR.")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="HAR cache folder (default: the run's, or POCKETFL_CACHE_DIR).")
+    ] = None,
+) -> None:
+    """Export a run's final model to ExecuTorch (.pte) and ONNX files for phone apps."""
+    from pocketfl.server.export import export_run
+    from pocketfl.simulations.export_table import print_export_table
+
+    _configure_logging(False)
+    try:
+        exported = export_run(run_dir, output_dir, cache_dir)
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(code=2) from None
+    print_export_table(console, exported)
+    console.print(f"wrote {len(exported)} files in {output_dir or run_dir}", highlight=False)
 
 
 @cli.command()

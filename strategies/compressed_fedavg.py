@@ -16,6 +16,7 @@ from pocketfl.compression import (
     parse_compression_spec,
     payload_float32_bytes,
 )
+from pocketfl.compression.pruning import Mask, apply_mask, compact_shapes, expand
 
 from .device_clock import DeviceClock
 from .downlink import (
@@ -27,7 +28,15 @@ from .downlink import (
     VERSION_KEY,
     DownlinkEncoder,
 )
-from .replies import EVALUATE_METRICS, TRAIN_METRICS, WeightedMetrics, declined_reason, read_metrics
+from .pruning import MASK_RECORD, PruningSchedule, prune_global
+from .replies import (
+    EVALUATE_METRICS,
+    TRAIN_METRICS,
+    WeightedMetrics,
+    declined_reason,
+    optional_count,
+    read_metrics,
+)
 from .round_timer import RoundTimer, target_reports
 from .streaming import StreamingMean
 
@@ -39,6 +48,7 @@ MAX_DECLINE_REASONS = 16
 OTHER_REASON = "other"
 
 UPDATE_KEY = "update"
+PEAK_MEMORY_METRIC = "peak-memory-bytes"
 PAYLOAD_KEY = "payload"
 
 
@@ -63,6 +73,8 @@ class RoundTraffic:
     late_clients: int = 0
     simulated_seconds: float = 0.0
     round_failed: bool = False
+    # Largest "peak-memory-bytes" a client measured for its training, if any did.
+    peak_memory_bytes: int | None = None
 
     def add_decline(self, reason: str) -> None:
         """Count one phone that declined the round, by reason."""
@@ -118,6 +130,12 @@ class CompressedFedAvg(FedAvg):
         Simulated seconds after which a report is late; None waits for all.
     over_selection : float, default 1.0
         Phones sampled per report needed, with a clock.
+    pruning : PruningSchedule or None, default None
+        Federated pruning. Each round the mask is decided from the global
+        model, masked entries are zeroed, and the mask travels in the
+        ConfigRecord "pruning-mask" of every train message; replies then
+        encode only the kept entries (in C order, tensor by tensor) and
+        masked entries of the aggregate stay zero.
     **kwargs
         Those of `flwr.serverapp.strategy.FedAvg`.
 
@@ -142,6 +160,7 @@ class CompressedFedAvg(FedAvg):
         clock: DeviceClock | None = None,
         round_deadline: float | None = None,
         over_selection: float = 1.0,
+        pruning: PruningSchedule | None = None,
         **kwargs,
     ) -> None:
         self.min_reports = min_reports
@@ -153,6 +172,8 @@ class CompressedFedAvg(FedAvg):
         self.uplink = parse_compression_spec(uplink) if uplink is not None else None
         self.traffic: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] = {}
+        self.pruning = pruning
+        self._mask: Mask = {}
 
         self.downlink: DownlinkEncoder | None = None
         if downlink != "none":
@@ -178,6 +199,10 @@ class CompressedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Sample clients as FedAvg does, encode the downlink and record its bytes."""
         self._global = {name: array.numpy() for name, array in arrays.items()}
+        mask_record = None
+        if self.pruning is not None:
+            self._mask, self._global, mask_record = prune_global(self.pruning, server_round, self._global)
+            arrays = ArrayRecord({name: Array(values) for name, values in self._global.items()})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         sampled_clients = len(messages)
         if self.timer is not None:
@@ -185,6 +210,9 @@ class CompressedFedAvg(FedAvg):
             target = target_reports(len(node_ids), self.target_fraction, self.min_train_nodes)
             messages = self.timer.start_round(server_round, messages, node_ids, target)
         messages, payload_bytes = self._encode_downlink(messages)
+        if mask_record is not None:
+            for message in messages:
+                message.content[MASK_RECORD] = mask_record
 
         traffic = RoundTraffic(sampled_clients=sampled_clients)
         message_sizes = [recorddict_to_proto(message.content).ByteSize() for message in messages]
@@ -212,6 +240,8 @@ class CompressedFedAvg(FedAvg):
         """Decode each reply into a running weighted sum, then apply the average."""
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         expected_shapes = {name: array.shape for name, array in self._global.items()}
+        # With pruning, payloads hold only the kept entries of masked tensors.
+        uplink_shapes = compact_shapes(expected_shapes, self._mask)
         running_mean = StreamingMean(expected_shapes)
         train_metrics = WeightedMetrics()
 
@@ -249,7 +279,8 @@ class CompressedFedAvg(FedAvg):
             answered.add(node_id)
 
             try:
-                delta, weight, metrics = self._decode_reply(reply, expected_shapes)
+                delta, weight, metrics = self._decode_reply(reply, uplink_shapes)
+                delta = expand(delta, self._mask, expected_shapes)
             except DecodeError as error:
                 traffic.failed_clients += 1
                 logger.warning("round %d: dropped reply from node %d: %s", server_round, node_id, error)
@@ -263,6 +294,9 @@ class CompressedFedAvg(FedAvg):
             traffic.uplink_message_bytes += recorddict_to_proto(reply.content).ByteSize()
             traffic.uplink_float32_bytes += payload_float32_bytes(expected_shapes)
             traffic.train_seconds.append(metrics["train-seconds"])
+            peak = optional_count(reply.content, PEAK_MEMORY_METRIC)
+            if peak is not None:
+                traffic.peak_memory_bytes = max(peak, traffic.peak_memory_bytes or 0)
 
         self._settle_versions(answered)
         logger.info(
@@ -288,6 +322,7 @@ class CompressedFedAvg(FedAvg):
         with np.errstate(over="ignore"):
             mean_delta = running_mean.mean()
             new_global = {name: self._global[name] + mean_delta[name] for name in self._global}
+            new_global = apply_mask(new_global, self._mask)
 
         # Each decoded update is finite, but a few huge ones can still push the
         # float32 model to inf, which would end every later round.

@@ -82,6 +82,18 @@ def declined_reason(content: RecordDict) -> str | None:
     return reason.strip()[:MAX_REASON_LENGTH] or "unspecified"
 
 
+def optional_count(content: RecordDict, key: str) -> int | None:
+    """Return the metric `key` of a reply as a non-negative integer, or None if absent or invalid.
+
+    For metrics a client may leave out, such as "peak-memory-bytes": a bad
+    value is ignored rather than costing the reply its update.
+    """
+    value = content.metric_records[METRICS_KEY].get(key) if METRICS_KEY in content.metric_records else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return None
+    return int(value)
+
+
 class WeightedMetrics:
     """Weighted mean of per-client metrics, weighted by num-examples."""
 

@@ -143,6 +143,14 @@ class Task(ABC):
             ) from None
         return self.load_partition(partition_id, num_partitions)
 
+    def channel_chain(self) -> tuple[str, ...]:
+        """Return the layers that channel pruning may narrow, in order, or () if none.
+
+        Each is a Conv or Linear module whose output channels feed the next
+        one's input channels through channel-wise layers only (ReLU, pooling).
+        """
+        return ()
+
     def data_owners(self) -> tuple[list[int], list[int]]:
         """Return the ids of the owners that train and of those held out, for the report."""
         return [], []

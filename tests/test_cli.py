@@ -31,6 +31,10 @@ runner = CliRunner()
         (["--name", "../x"], "for --name:"),
         (["--held-out-people", "29"], "for --held-out-people:"),
         (["--compression", "topk:nan"], "for --compression:"),
+        (["--pruning", "random"], "for --pruning:"),
+        (["--target-sparsity", "1"], "for --target-sparsity:"),
+        (["--rounds", "4", "--pruning-end-round", "9"], "for --pruning-end-round:"),
+        (["--memory-limit-mb", "0"], "for --memory-limit-mb:"),
     ],
 )
 def test_bad_option_fails_before_running(arguments, expected, tmp_path):

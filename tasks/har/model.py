@@ -44,3 +44,8 @@ def build_model(seed: int | None = None) -> HarCNN:
     model = HarCNN()
     torch.random.set_rng_state(generator_state)
     return model
+
+
+# Layers whose output channels feed the next layer's input channels through
+# channel-wise layers only (ReLU, pooling): what channel pruning may narrow.
+CHANNEL_CHAIN = ("features.0", "features.3", "features.6", "classifier")

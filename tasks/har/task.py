@@ -9,7 +9,7 @@ from pocketfl.tasks.base import ClientData, Task, TaskSettings, TrainResult, Tra
 from pocketfl.tasks.partitioning import MIN_EXAMPLES_PER_PHONE
 
 from .federation import HarFederation, load_federation
-from .model import build_model
+from .model import CHANNEL_CHAIN, build_model
 from .node_data import node_partition
 from .training import evaluate, train
 
@@ -75,6 +75,9 @@ class HarTask(Task):
 
     def evaluate(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return evaluate(model, x, y)
+
+    def channel_chain(self) -> tuple[str, ...]:
+        return CHANNEL_CHAIN
 
     def data_owners(self) -> tuple[list[int], list[int]]:
         split = self.federation.split
