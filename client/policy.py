@@ -13,7 +13,7 @@ With neither, the policy allows training, as in simulation or on a host that
 may always train. A phone that may not train declines the round with one of
 the reasons below, and the server counts a dropout.
 
-A node config key that looks like a policy key but is none of them (it starts
+A node config key that looks like a policy key but is not one of them (it starts
 with `device-`, or is a near miss such as `devce-charging`) declines too: a
 typo such as `device-charing=false` would otherwise leave the phone training
 on battery.

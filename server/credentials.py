@@ -44,7 +44,7 @@ MAX_DNS_NAME_LENGTH = 253
 
 
 class ExistingFilesError(FileExistsError):
-    """Raised instead of replacing credentials that other machines may already hold."""
+    """Raised instead of replacing credentials that other machines may already use."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def create_certificates(
     so list every address clients use.
 
     Existing files are replaced only with `force`: a new CA breaks every
-    SuperNode and `flwr` client that holds the old `ca.crt`.
+    SuperNode and `flwr` client that uses the old `ca.crt`.
     """
     if valid_days < 1:
         raise ValueError(f"invalid validity {valid_days} days: use at least 1 day")
@@ -94,9 +94,9 @@ def create_certificates(
     )
     _make_folder(out_dir)
     if not force:
-        _refuse_existing(
+        _reject_existing(
             [files.ca_certificate, files.ca_key, files.server_certificate, files.server_key],
-            "every SuperNode that holds the old ca.crt would fail the TLS handshake",
+            "every SuperNode that uses the old ca.crt would fail the TLS handshake",
         )
 
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -182,7 +182,7 @@ def create_node_keys(out_dir: Path, names: list[str], force: bool = False) -> li
     _make_folder(out_dir)
     if not force:
         paths = [out_dir / f"{name}{suffix}" for name in names for suffix in ("", ".pub")]
-        _refuse_existing(paths, "a SuperNode may already use the old key and be registered with it")
+        _reject_existing(paths, "a SuperNode may already use the old key and be registered with it")
 
     created = []
     for name in names:
@@ -232,11 +232,11 @@ def _make_folder(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _refuse_existing(paths: list[Path], consequence: str) -> None:
+def _reject_existing(paths: list[Path], consequence: str) -> None:
     existing = [str(path) for path in paths if path.exists()]
     if existing:
         raise ExistingFilesError(
-            f"refusing to replace {', '.join(existing)}: {consequence}. "
+            f"{', '.join(existing)} already exist: {consequence}. "
             "Choose another --out-dir, or pass --force to replace them"
         )
 

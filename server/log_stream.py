@@ -15,7 +15,7 @@ LOG_FORMAT = "%(levelname)-8s: pocketfl: %(message)s"
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to the current `sys.stderr`, which Flower may replace to mirror it into the log."""
+    """Handler that writes to the current `sys.stderr`, whose output Flower mirrors into the run's log."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,7 +30,7 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def show_pocketfl_logs(level: int = logging.INFO) -> None:
-    """Print pocketfl's log lines from `level` up to stderr; calling it again changes nothing."""
+    """Print pocketfl's log lines of `level` and above to stderr. A second call adds no second handler."""
     logger = logging.getLogger(POCKETFL_LOGGER)
     if any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
         return
@@ -39,5 +39,5 @@ def show_pocketfl_logs(level: int = logging.INFO) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logger.addHandler(handler)
     logger.setLevel(level)
-    # The root logger may print too, as `pocketfl simulate` sets it up; one copy is enough.
+    # The root logger may have a handler too (`pocketfl simulate` adds one), so each line prints only here.
     logger.propagate = False

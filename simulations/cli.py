@@ -276,7 +276,7 @@ def certs(
     ] = None,
     days: Annotated[int, typer.Option(help="Validity of the certificates, in days.")] = 365,
     force: Annotated[
-        bool, typer.Option(help="Replace existing CA and server files; SuperNodes holding the old ca.crt stop connecting.")
+        bool, typer.Option(help="Replace existing CA and server files; SuperNodes using the old ca.crt stop connecting.")
     ] = False,
 ) -> None:
     """Create a CA and a SuperLink TLS certificate and key for HOST."""

@@ -73,7 +73,7 @@ def test_rewrite_keeps_owner_only_mode(tmp_path):
     assert _mode(files.server_key) == 0o600
 
 
-def test_certificates_refuse_to_replace_ca(tmp_path):
+def test_certificates_keep_existing_ca(tmp_path):
     files = create_certificates(tmp_path, "127.0.0.1")
     ca_before = files.ca_certificate.read_bytes()
 
@@ -124,7 +124,7 @@ def test_node_key_list_names_public_keys(tmp_path):
     assert listed == [str(files.public_key.resolve()) for files in created]
 
 
-def test_node_keys_refuse_to_replace_a_key(tmp_path):
+def test_node_keys_keep_existing_key(tmp_path):
     (first,) = create_node_keys(tmp_path, ["phone-1"])
     key_before = first.private_key.read_bytes()
 
