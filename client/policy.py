@@ -12,8 +12,14 @@ in one of two ways:
 With neither, the policy allows training, as in simulation or on a host that
 may always train. A phone that may not train declines the round with one of
 the reasons below, and the server counts a dropout.
+
+A node config key that looks like a policy key but is not one of them (it starts
+with `device-`, or is a near miss such as `devce-charging`) declines too: a
+typo such as `device-charing=false` would otherwise leave the phone training
+on battery.
 """
 
+import difflib
 import json
 import logging
 from collections.abc import Mapping
@@ -26,12 +32,17 @@ logger = logging.getLogger(__name__)
 STATUS_FILE_KEY = "device-status-file"
 # Node config key of each condition, and its key in the status file.
 CONDITION_KEYS = {"idle": "device-idle", "charging": "device-charging", "unmetered": "device-unmetered"}
+POLICY_KEYS = (STATUS_FILE_KEY, *CONDITION_KEYS.values())
+POLICY_KEY_PREFIX = "device-"
+# difflib similarity above which a key counts as a misspelt policy key.
+TYPO_SIMILARITY = 0.8
 
 # Decline reasons, short and stable because the server counts rounds per reason.
 NOT_IDLE = "device-not-idle"
 NOT_CHARGING = "device-not-charging"
 METERED_NETWORK = "metered-network"
 STATUS_UNAVAILABLE = "device-status-unavailable"
+UNKNOWN_POLICY_KEY = "unknown device policy key"
 
 
 class DeviceStatusError(Exception):
@@ -45,6 +56,19 @@ class DeviceStatus:
     idle: bool
     charging: bool
     unmetered: bool
+
+
+def unknown_policy_keys(node_config: Mapping[str, Any]) -> list[str]:
+    """Return the node config keys that look like device policy keys but are not, sorted."""
+    return sorted(
+        key
+        for key in node_config
+        if key not in POLICY_KEYS
+        and (
+            key.startswith(POLICY_KEY_PREFIX)
+            or difflib.get_close_matches(key, POLICY_KEYS, n=1, cutoff=TYPO_SIMILARITY)
+        )
+    )
 
 
 def read_device_status(node_config: Mapping[str, Any]) -> DeviceStatus | None:
@@ -87,9 +111,18 @@ def decline_reason(status: DeviceStatus | None) -> str | None:
 def training_decline_reason(node_config: Mapping[str, Any]) -> str | None:
     """Return why this node should decline a train request now, or None to train.
 
-    Unreadable inputs decline too: a phone whose state is unknown might be on
-    battery or mobile data.
+    Unreadable inputs and unknown policy keys decline too: a phone whose
+    state is unknown might be on battery or mobile data.
     """
+    unknown = unknown_policy_keys(node_config)
+    if unknown:
+        logger.warning(
+            "declining to train: node config key(s) %s are not device policy keys; the known ones are %s",
+            unknown,
+            list(POLICY_KEYS),
+        )
+        return f"{UNKNOWN_POLICY_KEY} '{unknown[0]}'"
+
     try:
         status = read_device_status(node_config)
     except DeviceStatusError as error:

@@ -8,6 +8,7 @@ from pocketfl.tasks.base import TaskFactory, resolve_task
 
 from .config import RunConfig, load_run_config
 from .federation import RoundCallback, run_federation
+from .log_stream import show_pocketfl_logs
 
 
 def build_server_app(
@@ -37,5 +38,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config from pyproject.toml (and --run-config overrides) and run it."""
+    show_pocketfl_logs()
     config = load_run_config(dict(context.run_config))
     run_federation(grid, config, resolve_task(config.task))

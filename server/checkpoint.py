@@ -18,9 +18,10 @@ import os
 import random
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -117,18 +118,30 @@ def save_checkpoint(checkpoint: Checkpoint, run_dir: Path) -> Path:
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
 
     path = run_dir / CHECKPOINT_FILE
-    handle, temporary = tempfile.mkstemp(dir=run_dir, prefix=f".{CHECKPOINT_FILE}.")
+    _replace_atomically(path, lambda file: np.savez(file, **arrays))
+    return path
+
+
+def save_model(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
+    """Write a model's state dict with `torch.save`, atomically and owner-only like the checkpoint."""
+    _replace_atomically(path, lambda file: torch.save(state_dict, file))
+    return path
+
+
+def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    # mkstemp creates the file with mode 0600, which the rename keeps: run
+    # files hold the model, so they are as private as the checkpoint.
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
-    _sync_folder(run_dir)
-    return path
+    _sync_folder(path.parent)
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint | None:

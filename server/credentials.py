@@ -38,6 +38,14 @@ CURVE = ec.SECP384R1()
 
 NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
+# One DNS label (RFC 1123): letters, digits and inner hyphens, at most 63 characters.
+DNS_LABEL_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAX_DNS_NAME_LENGTH = 253
+
+
+class ExistingFilesError(FileExistsError):
+    """Raised instead of replacing credentials that other machines may already use."""
+
 
 @dataclass(frozen=True)
 class CertificateFiles:
@@ -59,19 +67,38 @@ class NodeKeyFiles:
 
 
 def create_certificates(
-    out_dir: Path, host: str, extra_hosts: tuple[str, ...] = (), valid_days: int = 365
+    out_dir: Path,
+    host: str,
+    extra_hosts: tuple[str, ...] = (),
+    valid_days: int = 365,
+    force: bool = False,
 ) -> CertificateFiles:
     """Create a CA and a server certificate for `host`, signed by that CA, in `out_dir`.
 
     The server certificate's subject alternative names hold `host` and each of
     `extra_hosts`: an IP address as an IP entry, anything else as a DNS name.
     gRPC checks the name (or IP) that a SuperNode dials against these entries,
-    so list every address clients use. Existing files are replaced.
+    so list every address clients use.
+
+    Existing files are replaced only with `force`: a new CA breaks every
+    SuperNode and `flwr` client that uses the old `ca.crt`.
     """
     if valid_days < 1:
         raise ValueError(f"invalid validity {valid_days} days: use at least 1 day")
     names = [_subject_alternative_name(value) for value in (host, *extra_hosts)]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files = CertificateFiles(
+        ca_certificate=out_dir / CA_CERT_FILE,
+        ca_key=out_dir / CA_KEY_FILE,
+        server_certificate=out_dir / SERVER_CERT_FILE,
+        server_key=out_dir / SERVER_KEY_FILE,
+    )
+    _make_folder(out_dir)
+    if not force:
+        _reject_existing(
+            [files.ca_certificate, files.ca_key, files.server_certificate, files.server_key],
+            "every SuperNode that uses the old ca.crt would fail the TLS handshake",
+        )
+
     now = datetime.datetime.now(datetime.timezone.utc)
     # A minute of slack so that a clock slightly behind the CA's still accepts it.
     not_before = now - datetime.timedelta(minutes=1)
@@ -124,12 +151,6 @@ def create_certificates(
         .sign(ca_key, hashes.SHA384())
     )
 
-    files = CertificateFiles(
-        ca_certificate=out_dir / CA_CERT_FILE,
-        ca_key=out_dir / CA_KEY_FILE,
-        server_certificate=out_dir / SERVER_CERT_FILE,
-        server_key=out_dir / SERVER_KEY_FILE,
-    )
     write_file(files.ca_certificate, ca_certificate.public_bytes(serialization.Encoding.PEM))
     write_file(files.ca_key, _pkcs8_pem(ca_key), private=True)
     write_file(files.server_certificate, server_certificate.public_bytes(serialization.Encoding.PEM))
@@ -137,13 +158,15 @@ def create_certificates(
     return files
 
 
-def create_node_keys(out_dir: Path, names: list[str]) -> list[NodeKeyFiles]:
-    """Create one SuperNode key pair per name, and the list of their public key files.
+def create_node_keys(out_dir: Path, names: list[str], force: bool = False) -> list[NodeKeyFiles]:
+    """Create one SuperNode key pair per name, and the list of all public key files in `out_dir`.
 
     Writes `<name>` (private key, OpenSSH format, mode 0600) and `<name>.pub`
     (public key, OpenSSH format) for each name, and `public-keys.txt` with the
-    absolute paths of the public keys, one a line: the SuperNodes to register
-    with `flwr supernode register`. Existing files of these names are replaced.
+    absolute paths of every `*.pub` file in `out_dir`, sorted, one a line: the
+    SuperNodes to register with `flwr supernode register`. Key pairs of other
+    names already in the folder stay listed. Existing files of these names are
+    replaced only with `force`, since a registered SuperNode's key may be in use.
     """
     if not names:
         raise ValueError("no SuperNode names given: pass at least one name, for example 'phone-1'")
@@ -156,7 +179,11 @@ def create_node_keys(out_dir: Path, names: list[str]) -> list[NodeKeyFiles]:
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate SuperNode names in {names}: give each SuperNode its own name")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _make_folder(out_dir)
+    if not force:
+        paths = [out_dir / f"{name}{suffix}" for name in names for suffix in ("", ".pub")]
+        _reject_existing(paths, "a SuperNode may already use the old key and be registered with it")
+
     created = []
     for name in names:
         key = ec.generate_private_key(CURVE)
@@ -173,7 +200,8 @@ def create_node_keys(out_dir: Path, names: list[str]) -> list[NodeKeyFiles]:
         write_file(files.public_key, public_bytes + b"\n")
         created.append(files)
 
-    listing = "".join(f"{files.public_key.resolve()}\n" for files in created)
+    public_keys = sorted(path.resolve() for path in out_dir.glob("*.pub") if path.is_file())
+    listing = "".join(f"{path}\n" for path in public_keys)
     write_file(out_dir / PUBLIC_KEY_LIST_FILE, listing.encode())
     return created
 
@@ -198,13 +226,39 @@ def write_file(path: Path, data: bytes, private: bool = False) -> None:
         raise
 
 
+def _make_folder(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, but a folder was expected: choose another --out-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _reject_existing(paths: list[Path], consequence: str) -> None:
+    existing = [str(path) for path in paths if path.exists()]
+    if existing:
+        raise ExistingFilesError(
+            f"{', '.join(existing)} already exist: {consequence}. "
+            "Choose another --out-dir, or pass --force to replace them"
+        )
+
+
 def _subject_alternative_name(value: str) -> x509.GeneralName:
-    if not value or value.strip() != value:
-        raise ValueError(f"invalid host {value!r}: give a host name or an IP address without spaces")
     try:
         return x509.IPAddress(ipaddress.ip_address(value))
     except ValueError:
-        return x509.DNSName(value)
+        pass
+    if not _is_dns_name(value):
+        raise ValueError(
+            f"invalid host {value!r}: give an IP address or a DNS name of letters, digits, "
+            "hyphens and dots, for example fl.example.org"
+        )
+    return x509.DNSName(value)
+
+
+def _is_dns_name(value: str) -> bool:
+    name = value.removesuffix(".")
+    if not name or len(name) > MAX_DNS_NAME_LENGTH:
+        return False
+    return all(DNS_LABEL_PATTERN.fullmatch(label) for label in name.split("."))
 
 
 def _pkcs8_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

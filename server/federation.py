@@ -15,7 +15,7 @@ from pocketfl.strategies.device_clock import DeviceClock
 from pocketfl.strategies.pruning import PruningSchedule
 from pocketfl.tasks.base import Task, TaskFactory
 
-from .checkpoint import Checkpoint, capture_rng_state, save_checkpoint
+from .checkpoint import Checkpoint, capture_rng_state, save_checkpoint, save_model
 from .config import RunConfig, prepare_folders
 from .report import Report, RoundRecord, Summary, write_report
 from .resume import prepare_resume
@@ -132,7 +132,7 @@ def run_federation(
 
     report.summary = _summary(report, initial_accuracy, time.perf_counter() - started)
     write_report(report, config.run_dir)
-    torch.save(final_arrays.to_torch_state_dict(), config.run_dir / MODEL_FILE)
+    save_model(final_arrays.to_torch_state_dict(), config.run_dir / MODEL_FILE)
     return report
 
 

@@ -5,7 +5,14 @@ from typing import Any
 
 from pocketfl.strategies import CompressedFedAvg
 
-from .checkpoint import Checkpoint, load_checkpoint, model_digest, remove_checkpoint, restore_rng_state
+from .checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    load_checkpoint,
+    model_digest,
+    remove_checkpoint,
+    restore_rng_state,
+)
 from .config import RunConfig
 from .report import Report, ResumeRecord
 
@@ -60,9 +67,13 @@ def prepare_resume(config: RunConfig, strategy: CompressedFedAvg) -> tuple[Check
     report.summary = None
     digest = model_digest(checkpoint.model)
     report.resumes.append(ResumeRecord(after_round=checkpoint.completed_rounds, model_sha256=digest))
-    logger.info(
-        "resuming run %s after round %d (model sha256 %s)",
+    # A warning, so that it shows in every log setup: Flower's own banner counts
+    # the rounds of this restart from 1 and does not mention the resume.
+    logger.warning(
+        "resuming run %s from round %d (checkpoint %s after round %d, model sha256 %s)",
         config.run_name,
+        checkpoint.completed_rounds + 1,
+        config.run_dir / CHECKPOINT_FILE,
         checkpoint.completed_rounds,
         digest,
     )

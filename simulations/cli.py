@@ -317,10 +317,13 @@ def certs(
         list[str] | None, typer.Option(help="Another name or IP of the same host; repeat as needed.")
     ] = None,
     days: Annotated[int, typer.Option(help="Validity of the certificates, in days.")] = 365,
+    force: Annotated[
+        bool, typer.Option(help="Replace existing CA and server files; SuperNodes using the old ca.crt stop connecting.")
+    ] = False,
 ) -> None:
     """Create a CA and a SuperLink TLS certificate and key for HOST."""
     try:
-        files = create_certificates(out_dir, host, tuple(extra_host or ()), days)
+        files = create_certificates(out_dir, host, tuple(extra_host or ()), days, force)
     except (ValueError, OSError) as error:
         raise _usage_error(error) from None
     console.print(
@@ -332,16 +335,29 @@ def certs(
 
 @cli.command("node-keys")
 def node_keys(
-    names: Annotated[list[str], typer.Argument(help="One name per SuperNode, for example phone-1.")],
+    names: Annotated[
+        list[str],
+        typer.Argument(help="One name per SuperNode, for example phone-1.", metavar="NAMES..."),
+    ],
     out_dir: Annotated[Path, typer.Option(help="Folder for the key pairs.")] = Path("node-keys"),
+    force: Annotated[
+        bool, typer.Option(help="Replace existing key pairs of these names; re-register their public keys.")
+    ] = False,
 ) -> None:
-    """Create SuperNode authentication key pairs and the list of public keys to register."""
+    """Create SuperNode authentication key pairs and the list of public keys to register.
+
+    NAMES: one name per SuperNode, for example phone-1 phone-2, made of letters,
+    digits, '.', '_' and '-'. Each NAME gets the private key file NAME (mode 0600,
+    for that device only) and the public key file NAME.pub (to register).
+    """
+    # Typer 0.20 with click 8.5 drops an argument's help text, so the docstring describes NAMES.
     try:
-        created = create_node_keys(out_dir, names)
+        created = create_node_keys(out_dir, names, force)
     except (ValueError, OSError) as error:
         raise _usage_error(error) from None
+    pairs = "key pair" if len(created) == 1 else "key pairs"
     console.print(
-        f"wrote {len(created)} key pairs in {out_dir} (private keys mode 0600) and {PUBLIC_KEY_LIST_FILE}; "
+        f"wrote {len(created)} {pairs} in {out_dir} (private keys mode 0600) and {PUBLIC_KEY_LIST_FILE}; "
         "register each public key with `flwr supernode register KEY.pub SUPERLINK`",
         highlight=False,
     )

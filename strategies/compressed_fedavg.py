@@ -272,7 +272,7 @@ class CompressedFedAvg(FedAvg):
             reason = declined_reason(reply.content)
             if reason is not None:
                 traffic.add_decline(reason)
-                logger.info("round %d: node %d declined to train: %s", server_round, node_id, reason)
+                logger.debug("round %d: node %d declined to train: %s", server_round, node_id, reason)
                 continue
 
             # Any other reply without an error means the node rebuilt its downlink model.
@@ -307,6 +307,8 @@ class CompressedFedAvg(FedAvg):
             traffic.failed_clients,
             traffic.declined_clients,
         )
+        if traffic.declined_clients:
+            logger.info("round %d: declines by reason: %s", server_round, _reason_counts(traffic.decline_reasons))
         if running_mean.count < self.min_reports:
             traffic.round_failed = True
             logger.warning(
@@ -445,3 +447,9 @@ class CompressedFedAvg(FedAvg):
         weight, metrics = read_metrics(content, TRAIN_METRICS)
         delta = decode_update(payload, expected_shapes, expected_spec=self.uplink)
         return delta, weight, metrics
+
+
+def _reason_counts(reasons: dict[str, int]) -> str:
+    """Return "reason x count" pairs, most frequent first, for one log line."""
+    ordered = sorted(reasons.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{reason} x{count}" for reason, count in ordered)

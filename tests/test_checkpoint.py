@@ -1,7 +1,9 @@
 """Server checkpoints: round trip, atomic replacement, RNG state and resume checks."""
 
+import logging
 import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from pocketfl.server.checkpoint import (
     model_digest,
     restore_rng_state,
     save_checkpoint,
+    save_model,
 )
 from pocketfl.server.config import load_run_config
 from pocketfl.server.report import Report, RoundRecord
@@ -124,6 +127,18 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == [CHECKPOINT_FILE]
 
 
+def test_final_model_is_private_like_checkpoint(tmp_path):
+    checkpoint_path = save_checkpoint(Checkpoint(1, _model(), {}), tmp_path)
+    state_dict = {name: torch.from_numpy(values) for name, values in _model().items()}
+    model_path = save_model(state_dict, tmp_path / "final_model.pt")
+
+    assert stat.S_IMODE(model_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(model_path.stat().st_mode) == stat.S_IMODE(checkpoint_path.stat().st_mode)
+    loaded = torch.load(model_path, weights_only=True)
+    assert torch.equal(loaded["conv.weight"], state_dict["conv.weight"])
+    assert sorted(os.listdir(tmp_path)) == [CHECKPOINT_FILE, "final_model.pt"]
+
+
 def test_torn_checkpoint_raises(tmp_path):
     save_checkpoint(Checkpoint(1, _model(), {}), tmp_path)
     path = tmp_path / CHECKPOINT_FILE
@@ -150,7 +165,7 @@ def test_resume_off_deletes_checkpoint(tmp_path):
     assert not (config.run_dir / CHECKPOINT_FILE).exists()
 
 
-def test_resume_restores_report_and_downlink(tmp_path):
+def test_resume_restores_report_and_downlink(tmp_path, caplog):
     config = _config(tmp_path, resume=True, num_server_rounds=4)
     config.run_dir.mkdir(parents=True)
     report = _report(config, 3)
@@ -160,8 +175,10 @@ def test_resume_restores_report_and_downlink(tmp_path):
     )
     strategy = CompressedFedAvg(downlink="q:8")
 
-    checkpoint, resumed = prepare_resume(config, strategy)
+    with caplog.at_level(logging.WARNING, logger="pocketfl.server.resume"):
+        checkpoint, resumed = prepare_resume(config, strategy)
 
+    assert f"resuming run run from round 3 (checkpoint {config.run_dir / CHECKPOINT_FILE}" in caplog.text
     assert checkpoint.completed_rounds == 2
     assert [record.round for record in resumed.rounds] == [1, 2]
     assert resumed.resumes[0].after_round == 2

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from pocketfl.server.credentials import (
     PUBLIC_KEY_LIST_FILE,
+    ExistingFilesError,
     create_certificates,
     create_node_keys,
 )
@@ -67,12 +68,39 @@ def test_private_keys_are_owner_only(tmp_path):
 def test_rewrite_keeps_owner_only_mode(tmp_path):
     files = create_certificates(tmp_path, "127.0.0.1")
     files.server_key.chmod(0o644)
-    create_certificates(tmp_path, "127.0.0.1")
+    create_certificates(tmp_path, "127.0.0.1", force=True)
 
     assert _mode(files.server_key) == 0o600
 
 
-@pytest.mark.parametrize("host", ["", " spaced", "with space "])
+def test_certificates_keep_existing_ca(tmp_path):
+    files = create_certificates(tmp_path, "127.0.0.1")
+    ca_before = files.ca_certificate.read_bytes()
+
+    with pytest.raises(ExistingFilesError, match=r"ca\.crt.*ca\.key.*server\.pem.*server\.key.*--force"):
+        create_certificates(tmp_path, "127.0.0.1")
+    assert files.ca_certificate.read_bytes() == ca_before
+
+    create_certificates(tmp_path, "127.0.0.1", force=True)
+    assert files.ca_certificate.read_bytes() != ca_before
+
+
+def test_certificates_reject_file_as_folder(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("not a folder")
+
+    with pytest.raises(NotADirectoryError, match="folder was expected"):
+        create_certificates(target, "127.0.0.1")
+
+
+@pytest.mark.parametrize("host", ["localhost", "fl.example.org", "fl.example.org.", "::1", "10.0.0.7"])
+def test_certificates_accept_dns_names_and_ips(tmp_path, host):
+    create_certificates(tmp_path, host)
+
+
+@pytest.mark.parametrize(
+    "host", ["", " spaced", "with space ", "bad host!", "-lead.example.org", "a..b", "x" * 64 + ".org"]
+)
 def test_certificates_reject_bad_host(tmp_path, host):
     with pytest.raises(ValueError, match="invalid host"):
         create_certificates(tmp_path, host)
@@ -94,6 +122,27 @@ def test_node_key_list_names_public_keys(tmp_path):
     listed = (tmp_path / PUBLIC_KEY_LIST_FILE).read_text().splitlines()
 
     assert listed == [str(files.public_key.resolve()) for files in created]
+
+
+def test_node_keys_keep_existing_key(tmp_path):
+    (first,) = create_node_keys(tmp_path, ["phone-1"])
+    key_before = first.private_key.read_bytes()
+
+    with pytest.raises(ExistingFilesError, match=r"phone-1.*--force"):
+        create_node_keys(tmp_path, ["phone-2", "phone-1"])
+    assert first.private_key.read_bytes() == key_before
+    assert not (tmp_path / "phone-2").exists()
+
+    create_node_keys(tmp_path, ["phone-1"], force=True)
+    assert first.private_key.read_bytes() != key_before
+
+
+def test_node_key_list_keeps_earlier_pairs(tmp_path):
+    earlier = create_node_keys(tmp_path, ["phone-1"])
+    later = create_node_keys(tmp_path, ["phone-2", "phone-3"])
+    listed = (tmp_path / PUBLIC_KEY_LIST_FILE).read_text().splitlines()
+
+    assert listed == [str(files.public_key.resolve()) for files in earlier + later]
 
 
 @pytest.mark.parametrize("names", [[], ["a b"], ["-x"], ["same", "same"]])

@@ -153,9 +153,13 @@ def test_server_killed_resumes(deployment, tmp_path):
     deployment.start_superlink()
     deployment.wait_for_nodes(3)
 
-    _flwr_run(deployment, run_config)
+    resumed = _flwr_run(deployment, run_config)
     report = read_report(run_dir / REPORT_FILE)
 
+    # flwr run streams the ServerApp's log, pocketfl's own lines included.
+    streamed = resumed.stdout + resumed.stderr
+    assert "resuming run recovered from round 3" in streamed, streamed[-4000:]
+    assert "pocketfl: round 4: accuracy" in streamed, streamed[-4000:]
     assert [record.round for record in report.rounds] == [1, 2, 3, 4]
     assert len(report.resumes) == 1
     assert report.resumes[0].after_round == 2

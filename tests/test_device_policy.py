@@ -10,6 +10,7 @@ from pocketfl.client.policy import (
     NOT_CHARGING,
     NOT_IDLE,
     STATUS_UNAVAILABLE,
+    UNKNOWN_POLICY_KEY,
     DeviceStatus,
     decline_reason,
     read_device_status,
@@ -35,6 +36,28 @@ def _flags(idle=True, charging=True, unmetered=True):
 )
 def test_policy_from_node_config(flags, reason):
     assert training_decline_reason(flags) == reason
+
+
+@pytest.mark.parametrize("typo", ["device-charing", "devce-charging", "device-status", "device-unmeterd"])
+def test_unknown_policy_key_declines(typo, caplog):
+    config = {"person-id": 4, typo: False}
+
+    with caplog.at_level("WARNING"):
+        reason = training_decline_reason(config)
+
+    assert reason == f"{UNKNOWN_POLICY_KEY} '{typo}'"
+    assert typo in caplog.text
+    assert "device-charging" in caplog.text
+
+
+def test_unknown_policy_key_declines_even_with_valid_flags():
+    assert training_decline_reason({**_flags(), "device-charing": False}).startswith(UNKNOWN_POLICY_KEY)
+
+
+def test_other_node_config_keys_are_not_policy_keys():
+    config = {"person-id": 4, "partition-id": 0, "num-partitions": 3, "state-dir": "/tmp/x", **_flags()}
+
+    assert training_decline_reason(config) is None
 
 
 def test_policy_without_inputs_trains():
@@ -92,6 +115,7 @@ def test_person_id_selects_own_partition():
         ({"person-id": 3}, "held out"),
         ({"person-id": "7"}, "expected an integer"),
         ({}, "neither person-id"),
+        ({"persn-id": 4, "state-dir": "/data"}, r"its keys: \['persn-id', 'state-dir'\]"),
     ],
 )
 def test_person_id_errors(config, message):

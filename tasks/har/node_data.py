@@ -36,7 +36,8 @@ def node_partition(node_config: Mapping[str, Any], train_people: Sequence[int]) 
     if PARTITION_ID_KEY in node_config and NUM_PARTITIONS_KEY in node_config:
         return int(node_config[PARTITION_ID_KEY]), int(node_config[NUM_PARTITIONS_KEY])
 
+    # The keys received make a typo such as `persn-id` visible.
     raise ValueError(
-        f"node config has neither {PERSON_ID_KEY} nor {PARTITION_ID_KEY} and {NUM_PARTITIONS_KEY}: "
-        f"start the SuperNode with --node-config '{PERSON_ID_KEY}=N'"
+        f"node config has neither {PERSON_ID_KEY} nor {PARTITION_ID_KEY} and {NUM_PARTITIONS_KEY} "
+        f"(its keys: {sorted(node_config)}): start the SuperNode with --node-config '{PERSON_ID_KEY}=N'"
     )
