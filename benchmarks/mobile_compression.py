@@ -1,9 +1,9 @@
 """Compressed models for phones: dense float32 against 80% pruning with int8, exported and measured.
 
 Runs the main job dense and with federated pruning to `--sparsity` (channel
-pruning and global magnitude pruning, each with quantization-aware training).
-Then it exports each final model with `pocketfl export` and prints the
-markdown rows recorded in docs/benchmarks.md. The rows give accuracy on the
+pruning with and without quantization-aware training, global magnitude
+pruning with it). Then it exports each final model with `pocketfl export`
+and prints the markdown rows recorded in docs/benchmarks.md. The rows give accuracy on the
 held-out people in each file's own runtime, bytes on disk and CPU latency per
 window. The script also measures the peak memory of one client's training
 round.
@@ -37,12 +37,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only these of the runs below")
     args = parser.parse_args()
 
-    # Pruning reaches its target at 3/4 of the rounds by default; the
-    # "-early" runs reach it at half, leaving more rounds to recover.
+    # Pruning reaches its target at 3/4 of the rounds by default. The
+    # "-early" runs reach it at half, and "-late" one round before the end.
     channel = {"pruning": "channel", "target_sparsity": args.sparsity}
     runs = {
         "dense": {},
+        "channel": channel,
         "channel-qat": {**channel, "qat": True},
+        "channel-qat-late": {**channel, "qat": True, "pruning_end_round": args.rounds - 1},
         "channel-qat-early": {**channel, "qat": True, "pruning_end_round": args.rounds // 2},
         "channel-early": {**channel, "pruning_end_round": args.rounds // 2},
         "global-qat": {"pruning": "global", "target_sparsity": args.sparsity, "qat": True},
