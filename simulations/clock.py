@@ -12,6 +12,7 @@ from .profiles import DeviceProfile, Population
 SECONDS_PER_HOUR = 3600.0
 BITS_PER_BYTE = 8
 BITS_PER_MEGABIT = 1_000_000
+BYTES_PER_MIB = 2**20
 
 
 class PhoneClock:
@@ -95,6 +96,10 @@ class PhoneClock:
             train_seconds=self.local_epochs * num_examples / profile.train_samples_per_second,
             upload_seconds=transfer_seconds(uplink_bytes, profile.uplink_mbps),
         )
+
+    def memory_limit_mb(self, node_id: int) -> float | None:
+        """Return the profile's memory for training, converted from MiB to MB (10**6 bytes)."""
+        return self.profile(node_id).memory_mb * BYTES_PER_MIB / 1e6
 
     def _deal(self, count: int, offset: int) -> list[DeviceProfile]:
         """Return `count` profiles in weight proportion (largest remainder), shuffled by seed."""

@@ -48,6 +48,8 @@ MAX_DECLINE_REASONS = 16
 OTHER_REASON = "other"
 
 UPDATE_KEY = "update"
+# Key of the round's config that holds the phone's training memory, in MB.
+MEMORY_LIMIT_KEY = "memory-limit-mb"
 PEAK_MEMORY_METRIC = "peak-memory-bytes"
 PAYLOAD_KEY = "payload"
 
@@ -213,6 +215,9 @@ class CompressedFedAvg(FedAvg):
         if mask_record is not None:
             for message in messages:
                 message.content[MASK_RECORD] = mask_record
+        if self.timer is not None:
+            for message in messages:
+                self._send_memory_limit(message, self.timer.clock)
 
         traffic = RoundTraffic(sampled_clients=sampled_clients)
         message_sizes = [recorddict_to_proto(message.content).ByteSize() for message in messages]
@@ -368,6 +373,21 @@ class CompressedFedAvg(FedAvg):
 
         self._settle_versions(answered)
         return evaluate_metrics.mean()
+
+    def _send_memory_limit(self, message: Message, clock: DeviceClock) -> None:
+        """Tell the simulated phone its memory for training, in the round's config.
+
+        The phone measures what its training needs and declines the round if
+        that is more. A run-wide limit, when set, still applies if it is lower.
+        """
+        limit_mb = clock.memory_limit_mb(message.metadata.dst_node_id)
+        if limit_mb is None:
+            return
+
+        config = ConfigRecord(dict(message.content.config_records[self.configrecord_key]))
+        run_limit_mb = float(config.get(MEMORY_LIMIT_KEY, 0.0))
+        config[MEMORY_LIMIT_KEY] = min(limit_mb, run_limit_mb) if run_limit_mb > 0 else limit_mb
+        message.content[self.configrecord_key] = config
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: array.shape for name, array in self._global.items()}

@@ -49,6 +49,14 @@ class DeviceClock(Protocol):
         """Return the node's simulated download, training and upload seconds."""
         ...
 
+    def memory_limit_mb(self, node_id: int) -> float | None:
+        """Return the memory the node's phone has for training, in MB (10**6 bytes), or None.
+
+        The strategy sends it with the round, and a phone whose training
+        would need more declines the round.
+        """
+        ...
+
 
 @dataclass
 class RoundOutcome:

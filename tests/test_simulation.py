@@ -184,3 +184,29 @@ def test_a_task_other_than_har_trains(tmp_path, monkeypatch):
     # Four separable blobs: a few rounds take the MLP far above chance (0.25).
     assert report.summary.final_accuracy > report.summary.initial_accuracy
     assert report.summary.final_accuracy > 0.8
+
+
+def test_phones_without_memory_for_training_decline(tmp_path):
+    # A HAR round needs about 4.4 MB (docs/benchmarks.md); 1 MiB is too little.
+    common = {
+        "weight": 1.0,
+        "train_samples_per_second": 1e6,
+        "downlink_mbps": 100.0,
+        "uplink_mbps": 100.0,
+        "availability": 1.0,
+    }
+    population = Population(
+        profiles=[
+            DeviceProfile(name="roomy", memory_mb=2048, **common),
+            DeviceProfile(name="cramped", memory_mb=1, **common),
+        ]
+    )
+
+    report = simulate(_config(tmp_path, num_clients=4), population=population)
+
+    for record in report.rounds:
+        assert record.sampled_clients == 4
+        assert record.clients == 2
+        assert record.declined_clients == 2
+        assert record.decline_reasons == {"insufficient-memory": 2}
+        assert record.failed_clients == 0
