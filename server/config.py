@@ -30,7 +30,11 @@ class RunConfig(BaseModel):
     """
 
     model_config = ConfigDict(
-        extra="forbid", alias_generator=_kebab_case, populate_by_name=True, frozen=True
+        extra="forbid",
+        alias_generator=_kebab_case,
+        populate_by_name=True,
+        frozen=True,
+        allow_inf_nan=False,
     )
 
     run_name: str = Field(
@@ -317,7 +321,10 @@ def prepare_folders(config: RunConfig, option_names: dict[str, str] | None = Non
 
 def resolve_num_clients(config: RunConfig, task_factory: TaskFactory) -> int:
     """Return the run's number of phones: the config's, or the task's default; check the task's limit."""
-    task = task_factory(config.task_settings)
+    try:
+        task = task_factory(config.task_settings)
+    except Exception as error:  # a user's task may fail in any way; report it at start-up
+        raise ValueError(f"task '{config.task}' failed to build: {type(error).__name__}: {error}") from None
     num_clients = config.num_clients or task.default_num_clients()
     limit = task.max_clients()
     if limit is not None and num_clients > limit:

@@ -10,6 +10,7 @@ names the classes.
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,36 @@ class _Inputs:
     calibration: np.ndarray
 
 
+def _prepare_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"invalid value '{output_dir}' for --output-dir: cannot create the folder "
+            f"({error.strerror}); choose a writable folder"
+        ) from None
+    if not os.access(output_dir, os.W_OK):
+        raise ValueError(f"invalid value '{output_dir}' for --output-dir: the folder is not writable")
+
+
+def _load_final_model(model: torch.nn.Module, path: Path, task_name: str) -> None:
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as error:  # torch.load raises many types on a damaged file
+        raise ValueError(
+            f"{path} is not a readable model ({type(error).__name__}); the file may be truncated "
+            "or corrupt, so rerun the simulation"
+        ) from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first_line = str(error).splitlines()[0]
+        raise ValueError(
+            f"{path} does not fit the model of task '{task_name}' named in the run's report "
+            f"({first_line})"
+        ) from None
+
+
 def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | None = None) -> list[ExportedFile]:
     """Export the final model of the run in `run_dir` and measure each file.
 
@@ -90,14 +121,24 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
     """
     run_dir = Path(run_dir)
     output_dir = Path(output_dir or run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(
+            f"{run_dir} is not a folder; pass the folder of a finished run, such as runs/har-default"
+        )
     for required in (REPORT_FILE, MODEL_FILE):
         if not (run_dir / required).exists():
             raise ValueError(
                 f"{run_dir} has no {required}; pass the folder of a finished run, such as runs/har-default"
             )
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_output_dir(output_dir)
 
-    report = read_report(run_dir / REPORT_FILE)
+    try:
+        report = read_report(run_dir / REPORT_FILE)
+    except (OSError, ValueError) as error:
+        first_line = str(error).splitlines()[0]
+        raise ValueError(
+            f"{run_dir / REPORT_FILE} is not a pocketfl report ({first_line}); rerun the simulation"
+        ) from None
     config = load_run_config(report.config)
     if cache_dir is not None:
         config = config.model_copy(update={"cache_dir": cache_dir})
@@ -108,7 +149,7 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
         (output_dir / INPUT_SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
     model = task.build_model()
-    model.load_state_dict(torch.load(run_dir / MODEL_FILE, weights_only=True))
+    _load_final_model(model, run_dir / MODEL_FILE, config.task)
     dense_parameters = sum(parameter.numel() for parameter in model.parameters())
     narrow = shrink_channels(model, task.channel_chain()) if task.channel_chain() else model
     example = torch.from_numpy(inputs.x_held_out[:2])

@@ -2,6 +2,7 @@
 simulated phones, `certs` and `node-keys` prepare deployment."""
 
 import logging
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +32,26 @@ OPTION_NAMES.update(
         "downlink_compression": "--downlink",
     }
 )
+
+
+def _check_distinct_pipelines(specs: list[str]) -> None:
+    # Each run writes to a folder named after its pipeline, so a repeated one
+    # would overwrite the other's results; "none" is the FedAvg baseline's.
+    seen = {"none"}
+    for spec in specs:
+        if spec in seen:
+            raise ValueError(
+                f"invalid value '{spec}' for --compression: given twice, or the same as the "
+                "FedAvg baseline ('none') that compare always runs; list each pipeline once"
+            )
+        seen.add(spec)
+
+
+def _check_hour(value: float) -> float:
+    # math.isfinite first: NaN passes every range comparison.
+    if not (math.isfinite(value) and 0.0 <= value < 24.0):
+        raise typer.BadParameter(f"invalid hour {value}: use a number from 0 to below 24, such as 8.5")
+    return value
 
 
 @cli.callback()
@@ -114,7 +135,11 @@ def simulate(
         int, typer.Option(help="Reports a round needs; a round with fewer fails and keeps the model.")
     ] = 1,
     start_hour: Annotated[
-        float, typer.Option(help="With --devices: hour of the simulated day when round 1 starts.")
+        float,
+        typer.Option(
+            help="With --devices: hour of the simulated day when round 1 starts, 0 to below 24.",
+            callback=_check_hour,
+        ),
     ] = 0.0,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
@@ -227,7 +252,9 @@ def compare(
     ] = None,
     min_reports: Annotated[int, typer.Option(help="Reports a round needs to count.")] = 1,
     local_epochs: Annotated[int, typer.Option(help="Local passes over the data per round.")] = 2,
-    start_hour: Annotated[float, typer.Option(help="Hour of the simulated day at round 1.")] = 0.0,
+    start_hour: Annotated[
+        float, typer.Option(help="Hour of the simulated day at round 1, 0 to below 24.", callback=_check_hour)
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed shared by every run.")] = 0,
     name: Annotated[str, typer.Option(help="Comparison name; results go to OUTPUT_DIR/NAME/.")] = "compare",
     output_dir: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
@@ -257,8 +284,8 @@ def compare(
             },
             OPTION_NAMES,
         )
-        for pipeline in compression:
-            load_run_config({"compression": pipeline}, OPTION_NAMES)
+        specs = [load_run_config({"compression": pipeline}, OPTION_NAMES).compression for pipeline in compression]
+        _check_distinct_pipelines(specs)
         resolve_num_clients(base, resolve_task(base.task))
         prepare_folders(base, OPTION_NAMES)
     except ValueError as error:

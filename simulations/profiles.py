@@ -26,7 +26,7 @@ HOURS_PER_DAY = 24
 class DeviceProfile(BaseModel):
     """One kind of phone on one kind of link."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, description="Name shown in reports, such as 'low-end-4g'.")
     weight: float = Field(gt=0, description="Share of the population; weights need not sum to 1.")

@@ -12,6 +12,7 @@ The built-in task is `har` (phone activity recognition, `pocketfl.tasks.har`).
 """
 
 import importlib
+import inspect
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -160,9 +161,9 @@ TaskFactory = Callable[[TaskSettings], Task]
 
 
 def resolve_task(spec: str) -> TaskFactory:
-    """Return the task factory that `spec` names: "har", or "package.module:ClassName".
+    """Return the task class that `spec` names: "har", or "package.module:ClassName".
 
-    The class (or any callable taking a `TaskSettings`) is imported on this
+    The class must be a concrete subclass of `Task`; it is imported on this
     machine. Phones never import a task by a name the server sends: their
     ClientApp is built with its task.
     """
@@ -186,8 +187,13 @@ def resolve_task(spec: str) -> TaskFactory:
         ) from None
 
     factory = getattr(module, attribute, None)
-    if not callable(factory):
+    if factory is None:
+        raise ValueError(f"invalid task {spec!r}: module '{module_name}' has no class '{attribute}'")
+    # Only a Task subclass is run: any other callable would be called with
+    # TaskSettings, whatever it does.
+    if not (isinstance(factory, type) and issubclass(factory, Task)) or inspect.isabstract(factory):
         raise ValueError(
-            f"invalid task {spec!r}: module '{module_name}' has no class or function '{attribute}'"
+            f"invalid task {spec!r}: '{attribute}' is not a concrete subclass of "
+            "pocketfl.tasks.base.Task; see docs/tasks.md"
         )
     return factory

@@ -154,6 +154,15 @@ def test_profile_file_with_a_negative_value_names_the_field(tmp_path):
         load_population(path)
 
 
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_profile_file_with_a_non_finite_value_names_the_field(tmp_path, value):
+    path = tmp_path / "phones.toml"
+    path.write_text(PROFILE_FILE.format(uplink=value))
+
+    with pytest.raises(ValueError, match=r"profiles\[0\]\.uplink_mbps: .*finite number"):
+        load_population(path)
+
+
 def test_profile_file_with_a_missing_value_names_the_field(tmp_path):
     path = tmp_path / "phones.toml"
     path.write_text(PROFILE_FILE.format(uplink="1").replace("memory_mb = 1024\n", ""))

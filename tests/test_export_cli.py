@@ -56,3 +56,35 @@ def test_export_command_rejects_folder_without_run(tmp_path):
 
     assert result.exit_code == 2
     assert "report.json; pass the folder of a finished run" in " ".join(result.output.split())
+
+
+def test_export_rejects_damaged_runs_with_the_file_named(tmp_path):
+    run_dir = _pruned_run(tmp_path)
+    model_path = run_dir / MODEL_FILE
+    intact = model_path.read_bytes()
+
+    model_path.write_bytes(intact[: len(intact) // 2])
+    truncated = CliRunner().invoke(cli, ["export", str(run_dir)])
+    torch.save({"weight": torch.zeros(3)}, model_path)
+    other_model = CliRunner().invoke(cli, ["export", str(run_dir)])
+    model_path.write_bytes(intact)
+    (run_dir / "report.json").write_text("{{{ not json", encoding="utf-8")
+    garbage_report = CliRunner().invoke(cli, ["export", str(run_dir)])
+
+    assert truncated.exit_code == 2
+    assert "is not a readable model" in " ".join(truncated.output.split())
+    assert other_model.exit_code == 2
+    assert "does not fit the model of task 'har'" in " ".join(other_model.output.split())
+    assert garbage_report.exit_code == 2
+    assert "is not a pocketfl report" in " ".join(garbage_report.output.split())
+
+
+def test_export_rejects_a_file_as_output_folder(tmp_path):
+    run_dir = _pruned_run(tmp_path)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x", encoding="utf-8")
+
+    result = CliRunner().invoke(cli, ["export", str(run_dir), "--output-dir", str(blocker)])
+
+    assert result.exit_code == 2
+    assert "for --output-dir" in " ".join(result.output.split())

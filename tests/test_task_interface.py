@@ -29,7 +29,10 @@ def test_builtin_name_resolves_to_har():
         ("blobs", "use 'har' or an import path"),
         ("os.path:join:x", "use 'har' or an import path"),
         ("no_such_module_here:Task", "cannot import module 'no_such_module_here'"),
-        ("json:NoSuchClass", "has no class or function 'NoSuchClass'"),
+        ("json:NoSuchClass", "has no class 'NoSuchClass'"),
+        ("json:loads", "is not a concrete subclass"),
+        ("os:system", "is not a concrete subclass"),
+        ("pocketfl.tasks.base:Task", "is not a concrete subclass"),
     ],
 )
 def test_bad_task_names_fail_with_the_reason(spec, expected):
