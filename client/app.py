@@ -46,7 +46,7 @@ def build_client_app(task_factory: TaskFactory) -> ClientApp:
     """Return a ClientApp that trains the task `task_factory` builds.
 
     The phone builds its task from the run's seed and cache folder, once per
-    process, and answers only rounds of that task.
+    process, and rejects rounds of any other task.
     """
     client_app = ClientApp()
 
@@ -77,19 +77,11 @@ def train_round(task_factory: TaskFactory, msg: Message, context: Context) -> Me
     if decline is not None:
         return decline_reply(msg, decline)
 
-    torch.set_num_threads(TORCH_THREADS)
-    instructions = RoundInstructions.from_config_record(msg.content["config"])
-    task = _task(task_factory, instructions.task_settings())
-    if task.name != instructions.task:
-        return _wrong_task(msg, task, instructions)
+    started = _start_round(task_factory, msg, context)
+    if isinstance(started, Message):
+        return started
+    instructions, task, model, data = started
 
-    model = task.build_model()
-    try:
-        _load_downlink(model, msg, context)
-    except DecodeError as error:
-        return _downlink_error(msg, error)
-
-    data = _client_data(task, context)
     global_state = {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()}
     mask = read_mask(msg.content, {name: values.shape for name, values in global_state.items()})
     seed = _round_seed(instructions, context)
@@ -128,6 +120,25 @@ def train_round(task_factory: TaskFactory, msg: Message, context: Context) -> Me
 
 def evaluate_round(task_factory: TaskFactory, msg: Message, context: Context) -> Message:
     """Evaluate the model rebuilt from the downlink on this phone's local evaluation split."""
+    started = _start_round(task_factory, msg, context)
+    if isinstance(started, Message):
+        return started
+    instructions, task, model, data = started
+
+    loss, accuracy = task.evaluate(model, data.x_eval, data.y_eval)
+
+    metrics = MetricRecord({"num-examples": len(data.y_eval), "loss": loss, "accuracy": accuracy})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _start_round(
+    task_factory: TaskFactory, msg: Message, context: Context
+) -> tuple[RoundInstructions, Task, torch.nn.Module, ClientData] | Message:
+    """Read the round's instructions, build the task, rebuild the model and load this phone's data.
+
+    Returns the error reply instead when the round is of another task or the
+    downlink does not decode.
+    """
     torch.set_num_threads(TORCH_THREADS)
     instructions = RoundInstructions.from_config_record(msg.content["config"])
     task = _task(task_factory, instructions.task_settings())
@@ -140,11 +151,7 @@ def evaluate_round(task_factory: TaskFactory, msg: Message, context: Context) ->
     except DecodeError as error:
         return _downlink_error(msg, error)
 
-    data = _client_data(task, context)
-    loss, accuracy = task.evaluate(model, data.x_eval, data.y_eval)
-
-    metrics = MetricRecord({"num-examples": len(data.y_eval), "loss": loss, "accuracy": accuracy})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return instructions, task, model, _client_data(task, context)
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,6 +1,6 @@
 """Declining a round: the reply a phone sends when it will not train or evaluate now.
 
-A phone declines when the embedding app says it is busy, on battery or on a
+A phone declines when the embedding app reports that it is busy, on battery or on a
 metered network, or when the round would not fit in its memory. A decline is
 a normal reply, not an error: the server counts it as a dropout with its
 reason and samples around it.

@@ -304,19 +304,23 @@ def prepare_folders(config: RunConfig, option_names: dict[str, str] | None = Non
         folders.append(("cache_dir", config.cache_dir))
 
     for field_name, folder in folders:
-        option = option_names.get(field_name, _kebab_case(field_name))
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ValueError(
-                f"invalid value '{folder}' for {option}: cannot create the folder "
-                f"({error.strerror}); choose a writable folder."
-            ) from None
-        if not os.access(folder, os.W_OK):
-            raise ValueError(
-                f"invalid value '{folder}' for {option}: the folder is not writable; "
-                "choose a writable folder."
-            )
+        ensure_writable_folder(folder, option_names.get(field_name, _kebab_case(field_name)))
+
+
+def ensure_writable_folder(folder: Path, option: str) -> None:
+    """Create `folder` if needed, or raise ValueError naming `option` if it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"invalid value '{folder}' for {option}: cannot create the folder "
+            f"({error.strerror}); choose a writable folder."
+        ) from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(
+            f"invalid value '{folder}' for {option}: the folder is not writable; "
+            "choose a writable folder."
+        )
 
 
 def resolve_num_clients(config: RunConfig, task_factory: TaskFactory) -> int:

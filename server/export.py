@@ -4,13 +4,12 @@ The final model is narrowed (channels that pruning zeroed are removed) and
 written four ways: float32 and int8 (post-training quantization calibrated
 on training windows), each as an ExecuTorch program and as ONNX. Every file
 is loaded back in its own runtime and measured on the held-out people. For
-HAR, model_input.json tells an app how to standardize a raw window and
-names the classes.
+HAR, model_input.json gives an app the statistics that standardize a raw
+window and the class names.
 """
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from pocketfl.tasks.har.data import (
 )
 from pocketfl.tasks.har.partition import split_people
 
-from .config import load_run_config
+from .config import ensure_writable_folder, load_run_config
 from .federation import MODEL_FILE
 from .report import REPORT_FILE, read_report
 
@@ -50,7 +49,7 @@ logger = logging.getLogger(__name__)
 # Training windows used to calibrate int8 activation ranges.
 CALIBRATION_WINDOWS = 512
 
-# How an app prepares the model's input and reads its output (HAR only).
+# File with the input standardization and class names an app needs (HAR only).
 INPUT_SPEC_FILE = "model_input.json"
 
 
@@ -80,18 +79,6 @@ class _Inputs:
     x_held_out: np.ndarray
     y_held_out: np.ndarray
     calibration: np.ndarray
-
-
-def _prepare_output_dir(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(
-            f"invalid value '{output_dir}' for --output-dir: cannot create the folder "
-            f"({error.strerror}); choose a writable folder"
-        ) from None
-    if not os.access(output_dir, os.W_OK):
-        raise ValueError(f"invalid value '{output_dir}' for --output-dir: the folder is not writable")
 
 
 def _load_final_model(model: torch.nn.Module, path: Path, task_name: str) -> None:
@@ -130,7 +117,7 @@ def export_run(run_dir: Path, output_dir: Path | None = None, cache_dir: Path | 
             raise ValueError(
                 f"{run_dir} has no {required}; pass the folder of a finished run, such as runs/har-default"
             )
-    _prepare_output_dir(output_dir)
+    ensure_writable_folder(output_dir, "--output-dir")
 
     try:
         report = read_report(run_dir / REPORT_FILE)

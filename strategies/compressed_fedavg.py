@@ -48,7 +48,7 @@ MAX_DECLINE_REASONS = 16
 OTHER_REASON = "other"
 
 UPDATE_KEY = "update"
-# Key of the round's config that holds the phone's training memory, in MB.
+# Key of the round's config that contains the phone's training memory, in MB.
 MEMORY_LIMIT_KEY = "memory-limit-mb"
 PEAK_MEMORY_METRIC = "peak-memory-bytes"
 PAYLOAD_KEY = "payload"

@@ -1,6 +1,6 @@
 """Simulated time of a round: the device model a strategy calls, and the rules that close a round.
 
-The strategy knows the exact bytes of every message but nothing of phones.
+The strategy measures the exact bytes of every message but has no model of phones.
 A `DeviceClock` (the simulations package provides one) turns a node's bytes
 and examples into seconds. `close_round` then applies the round's rules,
 as a production server would: a phone that dropped out never reports, a

@@ -105,7 +105,7 @@ class Task(ABC):
 
     @abstractmethod
     def default_num_clients(self) -> int:
-        """Return the number of phones when the run config does not say."""
+        """Return the number of phones when the run config sets none."""
 
     @abstractmethod
     def load_partition(self, partition_id: int, num_partitions: int) -> ClientData:

@@ -57,7 +57,8 @@ def test_round_of_only_declines_keeps_the_global_model():
 
     arrays, metrics = strategy.aggregate_train(1, [_decline_reply(1, "on a metered network")])
 
-    assert arrays is None and metrics is None
+    assert arrays is None
+    assert metrics is None
     assert strategy.traffic[1].declined_clients == 1
 
 
