@@ -17,6 +17,7 @@ is available for federated work. A population is a weighted mix of profiles;
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -42,6 +43,23 @@ class DeviceProfile(BaseModel):
             "when the server asks it to train: one value, or 24 values for hours 0 to 23."
         )
     )
+
+    @field_validator(
+        "weight",
+        "train_samples_per_second",
+        "memory_mb",
+        "downlink_mbps",
+        "uplink_mbps",
+        "availability",
+        mode="before",
+    )
+    @classmethod
+    def _reject_booleans(cls, value: Any) -> Any:
+        # pydantic would read true as 1.0. TOML integers such as `memory_mb = 2048` stay valid.
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(item, bool) for item in values):
+            raise ValueError("true and false are not numbers; give a number")
+        return value
 
     @field_validator("availability")
     @classmethod

@@ -171,6 +171,36 @@ def test_profile_file_with_a_missing_value_names_the_field(tmp_path):
         load_population(path)
 
 
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("weight = 1", "weight"),
+        ("train_samples_per_second = 300", "train_samples_per_second"),
+        ("memory_mb = 1024", "memory_mb"),
+        ("downlink_mbps = 10", "downlink_mbps"),
+        ("uplink_mbps = 1", "uplink_mbps"),
+        ("availability = 0.9", "availability"),
+    ],
+)
+@pytest.mark.parametrize("boolean", ["true", "false"])
+def test_profile_boolean_number_rejected(tmp_path, line, field, boolean):
+    # pydantic alone reads true as 1.0, which would pass as a weight of 1.
+    path = tmp_path / "phones.toml"
+    path.write_text(PROFILE_FILE.format(uplink="1").replace(line, f"{field} = {boolean}"))
+
+    with pytest.raises(ValueError, match=rf"profiles\[0\]\.{field}: true and false are not numbers"):
+        load_population(path)
+
+
+def test_profile_boolean_hourly_availability_rejected(tmp_path):
+    hourly = ", ".join(["true"] + ["0.5"] * 23)
+    path = tmp_path / "phones.toml"
+    path.write_text(PROFILE_FILE.format(uplink="1").replace("availability = 0.9", f"availability = [{hourly}]"))
+
+    with pytest.raises(ValueError, match=r"profiles\[0\]\.availability: true and false are not numbers"):
+        load_population(path)
+
+
 def test_profile_file_with_a_bad_hourly_availability_names_the_field(tmp_path):
     path = tmp_path / "phones.toml"
     path.write_text(PROFILE_FILE.format(uplink="1").replace("availability = 0.9", "availability = [0.5, 0.5]"))
