@@ -8,7 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pocketfl.compression import parse_compression_spec
-from pocketfl.tasks.base import BUILTIN_TASK, TaskFactory, TaskSettings
+from pocketfl.strategies.round_timer import target_reports
+from pocketfl.tasks.base import BUILTIN_TASK, Task, TaskFactory, TaskSettings
 from pocketfl.tasks.partitioning import parse_partitioning
 
 # HAPT has 30 people; the server keeps some of them for central evaluation.
@@ -16,6 +17,10 @@ NUM_PEOPLE = 30
 
 # Simulated phones in one run; each costs one Flower node context in memory.
 MAX_CLIENTS = 10_000
+
+# Flower's FedAvg samples at least this many phones per round, however small
+# the fraction.
+MIN_TRAIN_NODES = 1
 
 
 def _kebab_case(name: str) -> str:
@@ -88,7 +93,10 @@ class RunConfig(BaseModel):
     round_deadline: float | None = Field(
         None,
         gt=0,
-        description="Simulated seconds after which a phone's report is late (simulations only).",
+        description=(
+            "Simulated seconds after which a phone's report is late (simulations only); "
+            "0 means no deadline."
+        ),
     )
     over_selection: float = Field(
         1.0,
@@ -309,6 +317,8 @@ def prepare_folders(config: RunConfig, option_names: dict[str, str] | None = Non
 
 def ensure_writable_folder(folder: Path, option: str) -> None:
     """Create `folder` if needed, or raise ValueError naming `option` if it cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"invalid value '{folder}' for {option}: it is a file; choose a folder.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -323,12 +333,16 @@ def ensure_writable_folder(folder: Path, option: str) -> None:
         )
 
 
-def resolve_num_clients(config: RunConfig, task_factory: TaskFactory) -> int:
-    """Return the run's number of phones: the config's, or the task's default; check the task's limit."""
+def build_task(config: RunConfig, task_factory: TaskFactory) -> Task:
+    """Build the run's task on this machine, or raise ValueError naming the task and the failure."""
     try:
-        task = task_factory(config.task_settings)
+        return task_factory(config.task_settings)
     except Exception as error:  # a user's task may fail in any way; report it at start-up
         raise ValueError(f"task '{config.task}' failed to build: {type(error).__name__}: {error}") from None
+
+
+def resolve_num_clients(config: RunConfig, task: Task) -> int:
+    """Return the run's number of phones: the config's, or the task's default; check the task's limit."""
     num_clients = config.num_clients or task.default_num_clients()
     limit = task.max_clients()
     if limit is not None and num_clients > limit:
@@ -337,3 +351,36 @@ def resolve_num_clients(config: RunConfig, task_factory: TaskFactory) -> int:
             f"over at most {limit} phones; use fewer clients"
         )
     return num_clients
+
+
+def check_min_reports(
+    config: RunConfig, num_clients: int, option_names: dict[str, str] | None = None
+) -> None:
+    """Raise ValueError if no round can get `min_reports` reports from `num_clients` phones.
+
+    A round accepts at most FedAvg's sample size. Over-selection samples more
+    phones, but the round closes once that many have reported.
+    """
+    max_reports = target_reports(num_clients, config.fraction_train, MIN_TRAIN_NODES)
+    if config.min_reports <= max_reports:
+        return
+
+    option_names = option_names or {}
+    option = option_names.get("min_reports", "min-reports")
+    fraction_option = option_names.get("fraction_train", "fraction-train")
+    clients_option = option_names.get("num_clients", "num-clients")
+    raise ValueError(
+        f"invalid value {config.min_reports} for {option}: a round takes at most {max_reports} "
+        f"reports ({num_clients} clients, {fraction_option} {config.fraction_train}), so every "
+        f"round would fail; use at most {max_reports}, or raise {clients_option} or {fraction_option}."
+    )
+
+
+def check_pruning(config: RunConfig, task: Task, option_names: dict[str, str] | None = None) -> None:
+    """Raise ValueError if channel pruning is set for a task that names no channel chain."""
+    if config.pruning == "channel" and not task.channel_chain():
+        option = (option_names or {}).get("pruning", "pruning")
+        raise ValueError(
+            f"invalid value 'channel' for {option}: task '{task.name}' names no channel chain; "
+            f"use {option} global or layer, or give the task a channel_chain()"
+        )

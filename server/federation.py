@@ -16,7 +16,7 @@ from pocketfl.strategies.pruning import PruningSchedule
 from pocketfl.tasks.base import Task, TaskFactory
 
 from .checkpoint import Checkpoint, capture_rng_state, save_checkpoint, save_model
-from .config import RunConfig, prepare_folders
+from .config import MIN_TRAIN_NODES, RunConfig, check_pruning, prepare_folders
 from .report import Report, RoundRecord, Summary, write_report
 from .resume import prepare_resume
 from .rounds import ContinuedRounds
@@ -54,7 +54,7 @@ def run_federation(
     strategy = CompressedFedAvg(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_train,
-        min_train_nodes=1,
+        min_train_nodes=MIN_TRAIN_NODES,
         min_evaluate_nodes=1,
         # `flwr run` may start fewer SuperNodes than there are people, so only an
         # explicit --clients waits for that many nodes.
@@ -176,17 +176,12 @@ def _instructions(config: RunConfig, task: Task) -> ConfigRecord:
 def _pruning_schedule(config: RunConfig, task: Task) -> PruningSchedule | None:
     if config.pruning == "none":
         return None
-    chain = task.channel_chain()
-    if config.pruning == "channel" and not chain:
-        raise ValueError(
-            f"invalid value 'channel' for pruning: task '{task.name}' names no channel chain; "
-            "use 'global' or 'layer', or give the task a channel_chain()"
-        )
+    check_pruning(config, task)
     return PruningSchedule(
         kind=config.pruning,
         target_sparsity=config.target_sparsity,
         end_round=config.resolved_pruning_end_round,
-        chain=chain,
+        chain=task.channel_chain(),
     )
 
 

@@ -12,15 +12,27 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pocketfl.server.config import RunConfig, load_run_config, prepare_folders, resolve_num_clients
+from pocketfl.server.config import (
+    RunConfig,
+    build_task,
+    check_min_reports,
+    check_pruning,
+    ensure_writable_folder,
+    load_run_config,
+    prepare_folders,
+    resolve_num_clients,
+)
 from pocketfl.server.credentials import PUBLIC_KEY_LIST_FILE, create_certificates, create_node_keys
 from pocketfl.server.federation import MODEL_FILE
 from pocketfl.server.report import REPORT_FILE, ROUNDS_FILE, Report, RoundRecord
 from pocketfl.simulations.profiles import Population, resolve_population
-from pocketfl.tasks.base import resolve_task
+from pocketfl.tasks.base import Task, TaskFactory, resolve_task
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning for phones.")
 console = Console()
+
+# Hour of the simulated day at which round 1 starts when --start-hour is not given.
+DEFAULT_START_HOUR = 0.0
 
 # CLI option of each RunConfig field, so that errors name what the user typed.
 OPTION_NAMES = {name: "--" + name.replace("_", "-") for name in RunConfig.model_fields}
@@ -126,7 +138,9 @@ def simulate(
     ] = None,
     round_deadline: Annotated[
         float | None,
-        typer.Option(help="With --devices: simulated seconds after which a report is late."),
+        typer.Option(
+            help="With --devices: simulated seconds after which a report is late; 0 means no deadline."
+        ),
     ] = None,
     over_selection: Annotated[
         float, typer.Option(help="With --devices: phones sampled per report needed, 1 to 10.")
@@ -140,7 +154,7 @@ def simulate(
             help="With --devices: hour of the simulated day when round 1 starts, 0 to below 24.",
             callback=_check_hour,
         ),
-    ] = 0.0,
+    ] = DEFAULT_START_HOUR,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run a federation across simulated phones (default: activity recognition) and write a report."""
@@ -175,8 +189,9 @@ def simulate(
             },
             OPTION_NAMES,
         )
+        _check_device_options(config, population, start_hour)
         task_factory = resolve_task(config.task)
-        num_clients = resolve_num_clients(config, task_factory)
+        task, num_clients = _check_task(config, task_factory)
         replacing = (config.run_dir / REPORT_FILE).exists()
         prepare_folders(config, OPTION_NAMES)
     except ValueError as error:
@@ -216,7 +231,7 @@ def simulate(
 
         report = run_simulation(config, on_round, task_factory, population, start_hour)
 
-    _print_summary(report)
+    _print_summary(report, task.central_data_name)
     console.print(f"wrote {REPORT_FILE}, {ROUNDS_FILE} and {MODEL_FILE} in {config.run_dir}", highlight=False)
 
 
@@ -248,13 +263,14 @@ def compare(
     ] = 1.0,
     over_selection: Annotated[float, typer.Option(help="Phones sampled per report needed.")] = 1.0,
     round_deadline: Annotated[
-        float | None, typer.Option(help="Simulated seconds after which a report is late.")
+        float | None,
+        typer.Option(help="Simulated seconds after which a report is late; 0 means no deadline."),
     ] = None,
     min_reports: Annotated[int, typer.Option(help="Reports a round needs to count.")] = 1,
     local_epochs: Annotated[int, typer.Option(help="Local passes over the data per round.")] = 2,
     start_hour: Annotated[
         float, typer.Option(help="Hour of the simulated day at round 1, 0 to below 24.", callback=_check_hour)
-    ] = 0.0,
+    ] = DEFAULT_START_HOUR,
     seed: Annotated[int, typer.Option(help="Seed shared by every run.")] = 0,
     name: Annotated[str, typer.Option(help="Comparison name; results go to OUTPUT_DIR/NAME/.")] = "compare",
     output_dir: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
@@ -286,7 +302,7 @@ def compare(
         )
         specs = [load_run_config({"compression": pipeline}, OPTION_NAMES).compression for pipeline in compression]
         _check_distinct_pipelines(specs)
-        resolve_num_clients(base, resolve_task(base.task))
+        _check_task(base, resolve_task(base.task))
         prepare_folders(base, OPTION_NAMES)
     except ValueError as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
@@ -405,6 +421,41 @@ def resolve_devices(devices: str | None) -> Population | None:
         raise ValueError(f"invalid value '{devices}' for --devices: {error}") from None
 
 
+def _check_device_options(config: RunConfig, population: Population | None, start_hour: float) -> None:
+    # These options act on the simulated clock only. Without --devices there
+    # is no clock, so the run would ignore them. A value left at its default
+    # changes nothing and passes (a deadline of 0 means no deadline).
+    if population is not None:
+        return
+
+    changed = []
+    if config.round_deadline is not None:
+        changed.append((OPTION_NAMES["round_deadline"], config.round_deadline))
+    if config.over_selection != RunConfig.model_fields["over_selection"].default:
+        changed.append((OPTION_NAMES["over_selection"], config.over_selection))
+    if start_hour != DEFAULT_START_HOUR:
+        changed.append(("--start-hour", start_hour))
+    if changed:
+        option, value = changed[0]
+        raise ValueError(
+            f"invalid value {value:g} for {option}: it applies to simulated phones only and "
+            "would be ignored; add --devices default (or --devices with a profile TOML file)"
+        )
+
+
+def _check_task(config: RunConfig, task_factory: TaskFactory) -> tuple[Task, int]:
+    """Build the task, check the settings that depend on it, and return it with the number of clients."""
+    # Building the task may read or write its data cache, so a bad folder fails first.
+    if config.cache_dir is not None:
+        ensure_writable_folder(config.cache_dir, OPTION_NAMES["cache_dir"])
+
+    task = build_task(config, task_factory)
+    num_clients = resolve_num_clients(config, task)
+    check_min_reports(config, num_clients, OPTION_NAMES)
+    check_pruning(config, task, OPTION_NAMES)
+    return task, num_clients
+
+
 def _configure_logging(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -419,7 +470,7 @@ def _configure_logging(verbose: bool) -> None:
     flower_logger.propagate = False
 
 
-def _print_summary(report: Report) -> None:
+def _print_summary(report: Report, central_data_name: str) -> None:
     # Byte columns are in kB (1000 bytes) and the box is light so that the
     # table fits 80 columns. The float32 sizes are left to the report, which
     # contains exact byte counts; "ratio" is the uplink's.
@@ -455,7 +506,7 @@ def _print_summary(report: Report) -> None:
     summary = report.summary
     if summary is not None:
         console.print(
-            f"final accuracy on held-out people {summary.final_accuracy:.4f} "
+            f"final accuracy on {central_data_name} {summary.final_accuracy:.4f} "
             f"(best {summary.best_accuracy:.4f}, {summary.wall_seconds:.0f} s)\n"
             f"uplink {summary.total_uplink_bytes:,} bytes, float32 size / uplink size = "
             f"{_ratio_text(summary.uplink_compression_ratio)}\n"

@@ -7,7 +7,7 @@ from flwr.simulation import run_simulation
 
 from pocketfl.client.app import build_client_app
 from pocketfl.server.app import build_server_app
-from pocketfl.server.config import RunConfig, resolve_num_clients
+from pocketfl.server.config import RunConfig, build_task, check_min_reports, check_pruning, resolve_num_clients
 from pocketfl.server.federation import RoundCallback
 from pocketfl.server.report import REPORT_FILE, Report, read_report
 from pocketfl.tasks.base import TaskFactory, resolve_task
@@ -53,7 +53,11 @@ def simulate(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
     task_factory = task_factory or resolve_task(config.task)
-    num_clients = resolve_num_clients(config, task_factory)
+    # Settings that no round could meet fail here, before Ray starts.
+    task = build_task(config, task_factory)
+    num_clients = resolve_num_clients(config, task)
+    check_min_reports(config, num_clients)
+    check_pruning(config, task)
     config = config.model_copy(update={"num_clients": num_clients})
     logger.info("simulating %d clients for %d rounds", num_clients, config.num_server_rounds)
 

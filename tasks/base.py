@@ -89,12 +89,15 @@ class TaskSettings:
 class Task(ABC):
     """A model, its federated data, and how to train and evaluate it.
 
-    Subclasses set `name` and implement the abstract methods. Every method
+    Subclasses set `name` and implement the abstract methods. They may also
+    set `central_data_name`. Every method
     must be deterministic given the `TaskSettings` the task was built with:
     the server and each phone build their own instance.
     """
 
     name: str = ""
+    # Name of the data that `central_data()` returns, as the run's summary prints it.
+    central_data_name: str = "the central test data"
 
     def __init__(self, settings: TaskSettings) -> None:
         self.settings = settings

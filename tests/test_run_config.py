@@ -1,6 +1,6 @@
 import pytest
 
-from pocketfl.server.config import RunConfig, load_run_config
+from pocketfl.server.config import RunConfig, check_min_reports, load_run_config
 
 
 def test_defaults_are_the_main_job():
@@ -68,3 +68,22 @@ def test_unknown_key_rejected():
 def test_run_dir_under_output_dir(tmp_path):
     config = RunConfig(output_dir=tmp_path, run_name="x1")
     assert config.run_dir == tmp_path / "x1"
+
+
+@pytest.mark.parametrize(
+    ("values", "num_clients", "max_reports"),
+    [
+        ({"min_reports": 11}, 10, 10),
+        ({"min_reports": 3, "fraction_train": 0.25}, 10, 2),
+        # Over-selection samples more phones, but a round closes at FedAvg's sample size.
+        ({"min_reports": 3, "fraction_train": 0.25, "over_selection": 3.0}, 10, 2),
+        # FedAvg samples at least one phone, however small the fraction.
+        ({"min_reports": 2, "fraction_train": 0.01}, 10, 1),
+    ],
+)
+def test_unreachable_min_reports_rejected(values, num_clients, max_reports):
+    config = load_run_config(values)
+
+    with pytest.raises(ValueError, match=f"for min-reports: a round takes at most {max_reports} reports"):
+        check_min_reports(config, num_clients)
+    check_min_reports(config.model_copy(update={"min_reports": max_reports}), num_clients)

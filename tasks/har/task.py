@@ -24,6 +24,7 @@ class HarTask(Task):
     """
 
     name = "har"
+    central_data_name = "the held-out people"
 
     def __init__(self, settings: TaskSettings) -> None:
         super().__init__(settings)
