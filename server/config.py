@@ -1,6 +1,5 @@
 """Run configuration: one pydantic model read from the CLI or Flower's run config."""
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -10,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pocketfl.compression import parse_compression_spec
 from pocketfl.strategies.round_timer import target_reports
 from pocketfl.tasks.base import BUILTIN_TASK, Task, TaskFactory, TaskSettings
+from pocketfl.tasks.folders import ensure_writable_folder
 from pocketfl.tasks.partitioning import parse_partitioning
 
 # HAPT has 30 people; the server keeps some of them for central evaluation.
@@ -313,24 +313,6 @@ def prepare_folders(config: RunConfig, option_names: dict[str, str] | None = Non
 
     for field_name, folder in folders:
         ensure_writable_folder(folder, option_names.get(field_name, _kebab_case(field_name)))
-
-
-def ensure_writable_folder(folder: Path, option: str) -> None:
-    """Create `folder` if needed, or raise ValueError naming `option` if it cannot be written."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"invalid value '{folder}' for {option}: it is a file; choose a folder.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(
-            f"invalid value '{folder}' for {option}: cannot create the folder "
-            f"({error.strerror}); choose a writable folder."
-        ) from None
-    if not os.access(folder, os.W_OK):
-        raise ValueError(
-            f"invalid value '{folder}' for {option}: the folder is not writable; "
-            "choose a writable folder."
-        )
 
 
 def build_task(config: RunConfig, task_factory: TaskFactory) -> Task:

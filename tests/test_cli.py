@@ -188,6 +188,19 @@ def test_channel_pruning_without_chain_fails(engine, examples_on_path, tmp_path)
 
 
 @pytest.mark.parametrize("command", ["simulate", "compare"])
+def test_cache_env_var_file_fails_at_start(engine, command, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("POCKETFL_CACHE_DIR", str(blocker))
+
+    result = runner.invoke(cli, [command, "--output-dir", str(tmp_path / "runs")])
+
+    assert result.exit_code == 2
+    assert "for POCKETFL_CACHE_DIR: it is a file" in " ".join(result.output.split())
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command", ["simulate", "compare"])
 def test_cache_dir_file_fails_at_start(engine, command, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -649,3 +650,50 @@ def test_cache_with_corrupt_deflate_member_rebuilt(tmp_path, monkeypatch, caplog
 
     assert "unreadable" in caplog.text
     assert rebuilt.person.tolist() == [4]
+
+
+def test_cache_env_var_file_rejected_before_build(tmp_path, monkeypatch):
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("POCKETFL_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(har_data, "read_hapt_pickle", fail_if_called)
+
+    with pytest.raises(ValueError, match="for POCKETFL_CACHE_DIR: it is a file; choose a folder"):
+        load_har_windows()
+
+
+def test_default_cache_file_names_env_var(tmp_path, monkeypatch):
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "pocketfl").write_text("not a folder")
+    monkeypatch.delenv("POCKETFL_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(har_data, "read_hapt_pickle", fail_if_called)
+
+    with pytest.raises(ValueError) as raised:
+        load_har_windows()
+
+    message = str(raised.value)
+    assert "the default cache folder (set POCKETFL_CACHE_DIR to use another)" in message
+    assert "it is a file" in message
+    assert "\n" not in message
+
+
+def test_cache_folder_under_file_rejected(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(har_data, "read_hapt_pickle", fail_if_called)
+
+    with pytest.raises(ValueError, match="for cache-dir: cannot create the folder"):
+        load_har_windows(blocker / "cache")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any folder")
+def test_read_only_cache_folder_rejected(tmp_path, monkeypatch):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    monkeypatch.setenv("POCKETFL_CACHE_DIR", str(folder))
+    monkeypatch.setattr(har_data, "read_hapt_pickle", fail_if_called)
+
+    with pytest.raises(ValueError, match="for POCKETFL_CACHE_DIR: the folder is not writable"):
+        load_har_windows()

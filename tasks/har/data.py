@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pocketfl.tasks.folders import ensure_writable_folder
 from pocketfl.tasks.har.hapt_pickle import UnsafePickleError, read_hapt_pickle
 
 __all__ = [
@@ -230,8 +231,15 @@ def load_har_windows(cache_dir: Path | str | None = None) -> HarWindows:
     cache_dir
         Folder for the cache file. Default: ``$POCKETFL_CACHE_DIR``, else
         ``~/.cache/pocketfl``.
+
+    Raises
+    ------
+    ValueError
+        If the cache must be built and its folder is a file, cannot be
+        created or is not writable; the message names the setting.
     """
-    cache_path = _resolve_cache_dir(cache_dir) / _CACHE_FILE_NAME
+    cache_folder, setting = _resolve_cache_dir(cache_dir)
+    cache_path = cache_folder / _CACHE_FILE_NAME
 
     if cache_path.is_file():
         try:
@@ -242,6 +250,10 @@ def load_har_windows(cache_dir: Path | str | None = None) -> HarWindows:
             logger.warning(
                 "HAR cache %s is unreadable (%s: %s); rebuilding it", cache_path, type(error).__name__, error
             )
+
+    # Building ends with writing the cache, so a folder that cannot hold it fails
+    # before the pickle is read. A read-only folder with a valid cache is fine.
+    ensure_writable_folder(cache_folder, setting)
 
     started = time.perf_counter()
     source = locate_hapt_pickle()
@@ -258,13 +270,15 @@ def load_har_windows(cache_dir: Path | str | None = None) -> HarWindows:
     return windows
 
 
-def _resolve_cache_dir(cache_dir: Path | str | None) -> Path:
+def _resolve_cache_dir(cache_dir: Path | str | None) -> tuple[Path, str]:
+    # Returns the folder and the setting it came from, which errors name.
     if cache_dir is not None:
-        return Path(cache_dir).expanduser()
+        return Path(cache_dir).expanduser(), "cache-dir"
     from_env = os.environ.get(CACHE_DIR_ENV)
     if from_env:
-        return Path(from_env).expanduser()
-    return Path.home() / ".cache" / "pocketfl"
+        return Path(from_env).expanduser(), CACHE_DIR_ENV
+    default = Path.home() / ".cache" / "pocketfl"
+    return default, f"the default cache folder (set {CACHE_DIR_ENV} to use another)"
 
 
 def _read_cache(path: Path) -> HarWindows:
