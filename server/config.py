@@ -2,9 +2,9 @@
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pocketfl.compression import parse_compression_spec
 from pocketfl.strategies.round_timer import target_reports
@@ -25,6 +25,12 @@ MIN_TRAIN_NODES = 1
 
 def _kebab_case(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _is_numeric(annotation: Any) -> bool:
+    # True for int, float and their optional forms such as `int | None`.
+    types = get_args(annotation) or (annotation,)
+    return any(kind in (int, float) for kind in types)
 
 
 class RunConfig(BaseModel):
@@ -153,6 +159,16 @@ class RunConfig(BaseModel):
         None, description="HAR cache folder; default POCKETFL_CACHE_DIR or ~/.cache/pocketfl."
     )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _reject_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 and false as 0, and TOML and Flower's run config
+        # carry real booleans, so `num-server-rounds = true` would run one round.
+        # Integers stay valid for float fields.
+        if isinstance(value, bool) and _is_numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("true and false are not numbers; give a number")
+        return value
+
     @field_validator("run_name")
     @classmethod
     def _check_run_name(cls, value: str) -> str:
@@ -182,6 +198,9 @@ class RunConfig(BaseModel):
     @classmethod
     def _zero_deadline_is_none(cls, value: Any) -> Any:
         # TOML has no null, so Flower's run config writes "no deadline" as 0.
+        # False == 0 in Python, so booleans pass on to be rejected as numbers.
+        if isinstance(value, bool):
+            return value
         return None if value in (0, 0.0, "") else value
 
     @field_validator("partitioning")

@@ -1,6 +1,30 @@
+import tomllib
+from pathlib import Path
+
 import pytest
+from flwr.common.config import flatten_dict, parse_config_args
 
 from pocketfl.server.config import RunConfig, check_min_reports, load_run_config
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+NUMERIC_KEYS = [
+    "num-server-rounds",
+    "num-clients",
+    "fraction-train",
+    "min-reports",
+    "round-deadline",
+    "over-selection",
+    "local-epochs",
+    "learning-rate",
+    "batch-size",
+    "held-out-people",
+    "seed",
+    "target-sparsity",
+    "pruning-end-round",
+    "memory-limit-mb",
+    "round-timeout",
+]
 
 
 def test_defaults_are_the_main_job():
@@ -87,3 +111,66 @@ def test_unreachable_min_reports_rejected(values, num_clients, max_reports):
     with pytest.raises(ValueError, match=f"for min-reports: a round takes at most {max_reports} reports"):
         check_min_reports(config, num_clients)
     check_min_reports(config.model_copy(update={"min_reports": max_reports}), num_clients)
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+@pytest.mark.parametrize("value", [True, False])
+def test_boolean_for_number_rejected(key, value):
+    with pytest.raises(ValueError) as raised:
+        load_run_config({key: value})
+
+    message = str(raised.value)
+    assert f"invalid value {value} for {key}:" in message
+    assert "true and false are not numbers" in message
+
+
+def test_numeric_keys_cover_every_number_field():
+    numbers = (int, float, int | None, float | None)
+    fields = {
+        name.replace("_", "-") for name, field in RunConfig.model_fields.items() if field.annotation in numbers
+    }
+
+    assert fields == set(NUMERIC_KEYS)
+
+
+def test_flower_run_config_boolean_rejected():
+    # Flower parses --run-config values as TOML, so `true` arrives as a bool.
+    overrides = parse_config_args(["num-server-rounds=true"])
+
+    assert overrides == {"num-server-rounds": True}
+    with pytest.raises(ValueError, match="for num-server-rounds: true and false are not numbers"):
+        load_run_config(overrides)
+
+
+def test_flower_run_config_types_accepted():
+    overrides = parse_config_args(
+        ["learning-rate=1 round-timeout=60 memory-limit-mb=512.5 round-deadline=0 qat=true run-name='x1'"]
+    )
+
+    config = load_run_config(overrides)
+
+    assert config.learning_rate == 1.0
+    assert config.round_timeout == 60.0
+    assert config.memory_limit_mb == 512.5
+    assert config.round_deadline is None
+    assert config.qat is True
+    assert config.run_name == "x1"
+
+
+@pytest.mark.parametrize("num_supernodes", [2, 24])
+def test_pyproject_run_config_passes_checks(num_supernodes):
+    # Flower flattens [tool.flwr.app.config] the same way before the ServerApp reads it.
+    # Its local federation starts 2 SuperNodes by default; 24 is one per training person.
+    with PYPROJECT.open("rb") as stream:
+        template = tomllib.load(stream)["tool"]["flwr"]["app"]["config"]
+
+    config = load_run_config(flatten_dict(template))
+
+    check_min_reports(config, num_supernodes)
+
+
+def test_make_run_defaults_pass_checks():
+    # `make run` is `pocketfl simulate` with no options.
+    config = load_run_config({})
+
+    check_min_reports(config, config.resolved_num_clients)
