@@ -342,14 +342,17 @@ def build_task(config: RunConfig, task_factory: TaskFactory) -> Task:
         raise ValueError(f"task '{config.task}' failed to build: {type(error).__name__}: {error}") from None
 
 
-def resolve_num_clients(config: RunConfig, task: Task) -> int:
+def resolve_num_clients(
+    config: RunConfig, task: Task, option_names: dict[str, str] | None = None
+) -> int:
     """Return the run's number of phones: the config's, or the task's default; check the task's limit."""
     num_clients = config.num_clients or task.default_num_clients()
     limit = task.max_clients()
     if limit is not None and num_clients > limit:
+        option = (option_names or {}).get("num_clients", "num-clients")
         raise ValueError(
-            f"invalid value {num_clients} for clients: task '{task.name}' can split its data "
-            f"over at most {limit} phones; use fewer clients"
+            f"invalid value {num_clients} for {option}: task '{task.name}' can split its data "
+            f"over at most {limit} phones; set {option} to at most {limit}"
         )
     return num_clients
 

@@ -450,7 +450,7 @@ def _check_task(config: RunConfig, task_factory: TaskFactory) -> tuple[Task, int
         ensure_writable_folder(config.cache_dir, OPTION_NAMES["cache_dir"])
 
     task = build_task(config, task_factory)
-    num_clients = resolve_num_clients(config, task)
+    num_clients = resolve_num_clients(config, task, OPTION_NAMES)
     check_min_reports(config, num_clients, OPTION_NAMES)
     check_pruning(config, task, OPTION_NAMES)
     return task, num_clients

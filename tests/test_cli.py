@@ -77,7 +77,7 @@ def examples_on_path(monkeypatch):
         (["--round-deadline", "-3"], "for --round-deadline:"),
         (["--min-reports", "0"], "for --min-reports:"),
         (["--clients", "40"], "at most 24 clients"),
-        (["--clients", "5000", "--partitioning", "iid"], "4044 phones"),
+        (["--clients", "5000", "--partitioning", "iid"], "for --clients: task 'har'"),
         (["--task", "no_such_module:Task"], "cannot import module"),
         (["--compression", "topk:1.5"], "compression"),
         (["--compression", "q:12"], "compression"),

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import flatten_dict, parse_config_args
 
-from pocketfl.server.config import RunConfig, check_min_reports, load_run_config
+from pocketfl.server.config import RunConfig, check_min_reports, load_run_config, resolve_num_clients
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -174,3 +174,31 @@ def test_make_run_defaults_pass_checks():
     config = load_run_config({})
 
     check_min_reports(config, config.resolved_num_clients)
+
+
+class _LimitedTask:
+    """The parts of a Task that resolve_num_clients reads: at most 10 phones."""
+
+    name = "limited"
+
+    def default_num_clients(self) -> int:
+        return 4
+
+    def max_clients(self) -> int:
+        return 10
+
+
+@pytest.mark.parametrize(
+    ("option_names", "option"),
+    [(None, "num-clients"), ({"num_clients": "--clients"}, "--clients")],
+)
+def test_task_client_limit_names_option(option_names, option):
+    config = load_run_config({"num_clients": 11, "partitioning": "iid"})
+
+    with pytest.raises(ValueError) as raised:
+        resolve_num_clients(config, _LimitedTask(), option_names)
+
+    message = str(raised.value)
+    assert message.startswith(f"invalid value 11 for {option}: task 'limited' can split its data")
+    assert message.endswith(f"set {option} to at most 10")
+    assert resolve_num_clients(config.model_copy(update={"num_clients": 10}), _LimitedTask(), option_names) == 10
