@@ -19,8 +19,18 @@ class RoundRecord(BaseModel):
     """One federated round, with bytes measured from the real messages."""
 
     round: int = Field(ge=1)
-    accuracy: float = Field(description="Central accuracy on the held-out people after this round.")
-    loss: float = Field(description="Central cross-entropy loss on the held-out people.")
+    accuracy: float = Field(
+        description=(
+            "Accuracy of the global model after this round on the task's central evaluation "
+            "data (HAR: the held-out people)."
+        )
+    )
+    loss: float = Field(
+        description=(
+            "Loss of the global model on the task's central evaluation data, as the task's "
+            "evaluate() computes it (HAR: cross-entropy)."
+        )
+    )
     clients: int = Field(ge=0, description="Clients whose update was aggregated.")
     sampled_clients: int = Field(ge=0, description="Clients that were sent the round.")
     failed_clients: int = Field(ge=0, description="Replies that failed or did not decode.")

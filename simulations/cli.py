@@ -249,7 +249,8 @@ def compare(
         typer.Option(help="Phone population: 'default', 'cellular' or a TOML profile file."),
     ] = "default",
     target_accuracy: Annotated[
-        float, typer.Option(help="Held-out accuracy whose time to reach is compared, in (0, 1].")
+        float,
+        typer.Option(help="Central accuracy (HAR: on the held-out people) whose time to reach is compared, in (0, 1]."),
     ] = 0.85,
     rounds: Annotated[int, typer.Option(help="Federated rounds per run (1 to 1000).")] = 20,
     clients: Annotated[
@@ -302,7 +303,7 @@ def compare(
         )
         specs = [load_run_config({"compression": pipeline}, OPTION_NAMES).compression for pipeline in compression]
         _check_distinct_pipelines(specs)
-        _check_task(base, resolve_task(base.task))
+        task, _ = _check_task(base, resolve_task(base.task))
         prepare_folders(base, OPTION_NAMES)
     except ValueError as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
@@ -321,7 +322,12 @@ def compare(
         start_hour,
         on_start=lambda label: console.print(f"running {label}", highlight=False),
     )
-    console.print(markdown_table(runs, target_accuracy), highlight=False, markup=False, soft_wrap=True)
+    console.print(
+        markdown_table(runs, target_accuracy, task.central_data_name),
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
     console.print(
         f"wrote {TABLE_FILE}, {', '.join(PLOT_FILES.values())} and one folder per run in {base.run_dir}",
         highlight=False,

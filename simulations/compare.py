@@ -7,9 +7,12 @@ output folder:
 | file | contents |
 | --- | --- |
 | `compare.md` | one row per run, with time to the target accuracy |
-| `accuracy-by-round.png` | held-out accuracy against round |
-| `accuracy-by-uplink.png` | held-out accuracy against cumulative uplink megabytes |
-| `accuracy-by-time.png` | held-out accuracy against cumulative simulated seconds |
+| `accuracy-by-round.png` | central accuracy against round |
+| `accuracy-by-uplink.png` | central accuracy against cumulative uplink megabytes |
+| `accuracy-by-time.png` | central accuracy against cumulative simulated seconds |
+
+Central accuracy is measured on the task's evaluation data (HAR: the held-out
+people), which the table and plots name.
 | `<run>/` | each run's report.json, rounds.csv and final model |
 """
 
@@ -18,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pocketfl.server.config import RunConfig
+from pocketfl.server.config import RunConfig, build_task
 from pocketfl.server.report import Report, RoundRecord
+from pocketfl.tasks.base import Task, resolve_task
 
 from .engine import simulate
 from .profiles import Population
@@ -60,6 +64,7 @@ def compare(
     to `<base.run_dir>/<label>/`.
     """
     output_dir = base.run_dir
+    task = build_task(base, resolve_task(base.task))
     runs = []
     settings = [(BASELINE, BASELINE, False)] + [
         (pipeline, base.downlink_compression, base.error_feedback) for pipeline in pipelines
@@ -82,20 +87,29 @@ def compare(
             ComparedRun(label, compression, downlink, report, _first_at(report, target_accuracy))
         )
 
-    (output_dir / TABLE_FILE).write_text(markdown_table(runs, target_accuracy), encoding="utf-8")
+    table = markdown_table(runs, target_accuracy, task.central_data_name)
+    (output_dir / TABLE_FILE).write_text(table, encoding="utf-8")
     title = (
-        f"HAR, {base.resolved_num_clients} phones ({base.partitioning}), "
+        f"task {task.name}, {base.resolved_num_clients} phones ({base.partitioning}), "
         f"{base.num_server_rounds} rounds, seed {base.seed}"
     )
-    write_plots(runs, output_dir, target_accuracy, title)
+    write_plots(runs, output_dir, target_accuracy, title, task.central_data_name)
     return runs
 
 
-def markdown_table(runs: list[ComparedRun], target_accuracy: float) -> str:
-    """Return the comparison as a markdown table, with speed-ups against the first run."""
+def markdown_table(
+    runs: list[ComparedRun],
+    target_accuracy: float,
+    central_data_name: str = Task.central_data_name,
+) -> str:
+    """Return the comparison as a markdown table, with speed-ups against the first run.
+
+    `central_data_name` names the data that accuracy is measured on, such as a
+    task's `central_data_name`.
+    """
     baseline = runs[0]
     lines = [
-        f"Target accuracy on held-out people: {target_accuracy:.3f}. Uplink megabytes are "
+        f"Target accuracy on {central_data_name}: {target_accuracy:.3f}. Uplink megabytes are "
         "Flower reply messages as serialized (10^6 bytes); time is simulated phone time.",
         "",
         "| run | uplink | downlink | final accuracy | uplink MB | simulated s "
@@ -128,7 +142,11 @@ def markdown_table(runs: list[ComparedRun], target_accuracy: float) -> str:
 
 
 def write_plots(
-    runs: list[ComparedRun], output_dir: Path, target_accuracy: float, title: str = ""
+    runs: list[ComparedRun],
+    output_dir: Path,
+    target_accuracy: float,
+    title: str = "",
+    central_data_name: str = Task.central_data_name,
 ) -> None:
     """Write accuracy against round, cumulative uplink MB and simulated seconds, one PNG each."""
     import matplotlib
@@ -154,7 +172,7 @@ def write_plots(
             axes.set_xscale("log")
             x_label += ", log scale"
         axes.set_xlabel(x_label)
-        axes.set_ylabel("accuracy on held-out people (fraction)")
+        axes.set_ylabel(f"accuracy on {central_data_name} (fraction)")
         axes.set_ylim(0.0, 1.0)
         axes.set_title(title)
         axes.grid(True, which="both", alpha=0.3)

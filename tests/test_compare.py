@@ -1,5 +1,7 @@
 """The comparison table and plots of `pocketfl compare`, from hand-made reports."""
 
+from matplotlib.axes import Axes
+
 from pocketfl.server.report import Report, RoundRecord, Summary
 from pocketfl.simulations.compare import PLOT_FILES, ComparedRun, _first_at, markdown_table, write_plots
 
@@ -69,3 +71,29 @@ def test_plots_are_written(tmp_path):
 
     for name in PLOT_FILES.values():
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_names_central_data():
+    runs = [_run("fedavg", _report([0.5, 0.9], 2.0, 1000), 0.8)]
+
+    named = markdown_table(runs, 0.8, "the held-out people")
+    default = markdown_table(runs, 0.8)
+
+    assert named.startswith("Target accuracy on the held-out people: 0.800.")
+    assert default.startswith("Target accuracy on the central test data: 0.800.")
+
+
+def test_plots_name_central_data(tmp_path, monkeypatch):
+    labels = []
+    set_ylabel = Axes.set_ylabel
+
+    def record_ylabel(axes, label, *args, **kwargs):
+        labels.append(label)
+        return set_ylabel(axes, label, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_ylabel", record_ylabel)
+    runs = [_run("fedavg", _report([0.5, 0.9], 2.0, 1000), 0.8)]
+
+    write_plots(runs, tmp_path, 0.8, "test", "the blobs test set")
+
+    assert labels == ["accuracy on the blobs test set (fraction)"] * len(PLOT_FILES)

@@ -66,3 +66,12 @@ def test_report_round_trips_and_writes_csv(tmp_path):
     assert lines[0].split(",")[:3] == ["round", "accuracy", "loss"]
     assert len(lines) == 3
     assert not list((tmp_path / "run").glob(".*"))  # no temporary files left behind
+
+
+def test_round_metrics_described_for_any_task():
+    round_fields = json.loads(report_json_schema())["$defs"]["RoundRecord"]["properties"]
+
+    for name in ("accuracy", "loss"):
+        description = round_fields[name]["description"]
+        assert "the task's central evaluation data" in description
+        assert "(HAR: " in description
