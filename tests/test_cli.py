@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from pocketfl.server.report import Report, RoundRecord, Summary
 from pocketfl.simulations.cli import cli
+from pocketfl.tasks.har.federation import load_federation
 
 runner = CliRunner()
 
@@ -192,6 +193,8 @@ def test_cache_env_var_file_fails_at_start(engine, command, tmp_path, monkeypatc
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("POCKETFL_CACHE_DIR", str(blocker))
+    # The federation is cached per process by its arguments, which do not include the variable.
+    load_federation.cache_clear()
 
     result = runner.invoke(cli, [command, "--output-dir", str(tmp_path / "runs")])
 
