@@ -111,10 +111,14 @@ def markdown_table(
     lines = [
         f"Target accuracy on {central_data_name}: {target_accuracy:.3f}. Uplink megabytes are "
         "Flower reply messages as serialized (10^6 bytes); time is simulated phone time.",
+        "A run's speed-up to the target is about its speed-up per round times FedAvg's rounds "
+        "to the target over its own, so the speed-up per round bounds it when the run needs "
+        "at least as many rounds as FedAvg.",
         "",
-        "| run | uplink | downlink | final accuracy | uplink MB | simulated s "
-        "| round at target | uplink MB to target | simulated s to target | FedAvg time / this time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | uplink | downlink | final accuracy | uplink MB | simulated s | s per round "
+        "| FedAvg s per round / this | round at target | uplink MB to target "
+        "| simulated s to target | FedAvg time / this time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
         summary = run.report.summary
@@ -126,6 +130,8 @@ def markdown_table(
             f"{summary.final_accuracy:.4f}" if summary else "-",
             f"{total_uplink:,.2f}",
             f"{summary.total_simulated_seconds:,.1f}" if summary else "-",
+            _format_seconds(_seconds_per_round(run.report)),
+            _per_round_speedup(baseline, run),
         ]
         if run.target_round is None:
             row += ["not reached", "-", "-", "-"]
@@ -192,6 +198,25 @@ def _cumulative_uplink(report: Report) -> list[float]:
         total += record.uplink_message_bytes
         values.append(total / BYTES_PER_MEGABYTE)
     return values
+
+
+def _seconds_per_round(report: Report) -> float | None:
+    # Failed rounds count: the phones spent that time even if the model was kept.
+    if not report.rounds:
+        return None
+    return report.rounds[-1].cumulative_simulated_seconds / len(report.rounds)
+
+
+def _format_seconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:,.3g}"
+
+
+def _per_round_speedup(baseline: ComparedRun, run: ComparedRun) -> str:
+    baseline_seconds = _seconds_per_round(baseline.report)
+    seconds = _seconds_per_round(run.report)
+    if baseline_seconds is None or not seconds:
+        return "-"
+    return f"{baseline_seconds / seconds:.2f}x"
 
 
 def _speedup(baseline: ComparedRun, run: ComparedRun) -> str:

@@ -64,6 +64,20 @@ def test_table_gives_time_to_target_and_speedup():
     assert "not reached" in rows["sign"]
 
 
+def test_table_gives_per_round_speedup():
+    baseline = _run("fedavg", _report([0.5, 0.7, 0.9], 10.0, 2_000_000), 0.7)
+    compressed = _run("topk", _report([0.4, 0.6, 0.75], 2.5, 20_000), 0.7)
+
+    table = markdown_table([baseline, compressed], 0.7)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+
+    # 30 s over 3 rounds against 7.5 s over 3: 4x shorter rounds, but one
+    # round more to the target, so 20 s against 7.5 s to the target.
+    assert "| 30.0 | 10 | 1.00x | 2 |" in rows["fedavg"]
+    assert "| 7.5 | 2.5 | 4.00x | 3 |" in rows["topk"]
+    assert rows["topk"].endswith("| 2.67x |")
+
+
 def test_plots_are_written(tmp_path):
     runs = [_run("fedavg", _report([0.5, 0.9], 2.0, 1000), 0.8)]
 
