@@ -47,8 +47,8 @@ def build_client_app(task_factory: TaskFactory) -> ClientApp:
     """Return a ClientApp that trains the task `task_factory` builds.
 
     The phone builds its task from the run's seed and cache folder, once per
-    process, and rejects rounds of any other task. It answers the server's
-    query for its stable key from the node config alone.
+    process, and rejects rounds of any other task. It replies to the
+    server's query for its stable key from the node config alone.
     """
     client_app = ClientApp()
 

@@ -1,10 +1,10 @@
-"""The phone's answer to the server's identity query: its stable key, from the node config only.
+"""The phone's reply to the server's identity query: its stable key, from the node config only.
 
 Node ids change every time a simulation starts, so the server asks each node
-once for a key that does not: a simulated phone's partition id. The answer
+once for a key that does not change: a simulated phone's partition id. The reply
 comes from the node config alone, without loading data or building the
-task, so a thousand phones answer in seconds. A phone without a partition id
-answers with an empty record and is sampled after the keyed ones.
+task. A phone without a partition id replies with an empty record and is
+sampled after the keyed ones.
 """
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict

@@ -2,10 +2,10 @@
 
 Sampling and the simulated clock order nodes by this key, because node ids
 are drawn anew whenever a simulation starts (see
-pocketfl.strategies.sampling). A node that does not answer within the
-timeout, answers with an error (a ClientApp without a query handler does),
-or answers anything but a non-negative integer partition id keeps working:
-it has no key and is sampled after the keyed nodes.
+pocketfl.strategies.sampling). A node still takes part when it does not
+reply within the timeout, replies with an error (as a ClientApp without a
+query handler does), or replies with anything but a non-negative integer
+partition id. It then has no key and is sampled after the keyed nodes.
 """
 
 import logging
@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 # Seconds between two checks while too few nodes are connected, as in Flower.
 WAIT_SECONDS = 1.0
 
-# Longest wait for the answers: they need no data or training, and a node
-# that has not answered by then must not hold up the first round for long.
+# Maximum wait for the replies, in seconds. They need no data or training, and
+# a node that has not replied by then must not hold up the first round.
 MAX_QUERY_SECONDS = 120.0
 
 
@@ -30,10 +30,12 @@ def query_node_keys(grid: Grid, min_nodes: int, timeout: float) -> dict[int, int
     """Return the partition id of every connected node that gives a usable one.
 
     Waits until `min_nodes` nodes are connected, as sampling would, so that
-    the nodes of the first round have been asked, then for the answers at
-    most `timeout` seconds (and at most `MAX_QUERY_SECONDS`).
+    the nodes of the first round receive the query. Then waits for the replies
+    at most `timeout` seconds, and at most `MAX_QUERY_SECONDS`. The first
+    message to a simulated phone also starts its Ray worker, so in simulation
+    this wait includes that start-up, which round 1 would pay otherwise.
 
-    NOTE: nodes that connect after the query are never asked and have no key.
+    NOTE: nodes that connect after the query never receive it and have no key.
     """
     while len(node_ids := list(grid.get_node_ids())) < min_nodes:
         logger.info("waiting for nodes to connect: %d connected, %d needed", len(node_ids), min_nodes)
@@ -45,7 +47,8 @@ def query_node_keys(grid: Grid, min_nodes: int, timeout: float) -> dict[int, int
         for node_id in node_ids
     ]
     keys = {}
-    for reply in grid.send_and_receive(queries, timeout=min(timeout, MAX_QUERY_SECONDS)):
+    replies = list(grid.send_and_receive(queries, timeout=min(timeout, MAX_QUERY_SECONDS)))
+    for reply in replies:
         node_id = reply.metadata.src_node_id
         key = partition_id_of(reply)
         if key is None:
@@ -56,6 +59,16 @@ def query_node_keys(grid: Grid, min_nodes: int, timeout: float) -> dict[int, int
     logger.info(
         "%d of %d nodes gave a partition id in %.1f s", len(keys), len(node_ids), time.perf_counter() - started
     )
+    errors = sum(reply.has_error() for reply in replies)
+    missing = len(node_ids) - len(replies)
+    if errors or missing:
+        # One line for all of them, because Flower has already logged each node's error.
+        logger.warning(
+            "%d nodes replied to the identity query with an error (as a ClientApp without a query "
+            "handler does) and %d did not reply. They are sampled after the nodes with a partition id.",
+            errors,
+            missing,
+        )
     return keys
 
 

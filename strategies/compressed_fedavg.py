@@ -144,11 +144,11 @@ class CompressedFedAvg(FedAvg):
     **kwargs
         Those of `flwr.serverapp.strategy.FedAvg`.
 
-    Clients are sampled as FedAvg samples them (same sample size, same wait
-    for `min_available_nodes`), but by `SeededSampler`: the server puts each
-    node's stable key (a simulated phone's partition id) in
-    `sampler.node_keys` before the first round, and two runs with one seed
-    then sample the same phones every round.
+    Clients are sampled with FedAvg's sample size and wait for
+    `min_available_nodes`, but by `SeededSampler`. Before the first round the
+    server stores each node's stable key (a simulated phone's partition id)
+    in `sampler.node_keys`, so two runs with one seed sample the same phones
+    every round.
 
     A phone may decline a round with a ConfigRecord "declined" holding a
     "reason"; it is counted in `RoundTraffic.declined_clients` by reason, as a

@@ -29,9 +29,8 @@ WAIT_SECONDS = 1.0
 def stable_order(node_ids: Iterable[int], node_keys: Mapping[int, int]) -> list[int]:
     """Return `node_ids` ordered by stable key, then the nodes without one by node id.
 
-    A node without a key (it did not answer the server's query, or answered
-    something unusable) still takes part; only its place in the order is no
-    longer the same between runs.
+    A node without a key (no usable reply to the server's query) still takes
+    part, but its place in the order can differ between runs.
     """
     node_ids = set(node_ids)
     keyed = sorted((node_keys[node], node) for node in node_ids if node in node_keys)
@@ -72,7 +71,7 @@ class SeededSampler:
     ----------
     node_keys : dict of int to int
         Stable key of each node id that has one; the server fills it from the
-        nodes' answers before the first round. Nodes missing here sort after
+        nodes' query replies before the first round. Nodes missing here sort after
         the keyed ones, by node id.
     """
 

@@ -13,8 +13,8 @@ this folder on PYTHONPATH.
 | 5 | declines: "not charging" | honest |
 | 6 and up | honest | honest |
 
-Every partition answers the identity query honestly, except 2, whose answer
-is garbage, and 3, which raises; both still train as the table says.
+Every partition replies honestly to the identity query, except 2, whose reply
+is garbage, and 3, which raises. Both still train as the table says.
 """
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -87,7 +87,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer the identity query, with garbage or a crash for partitions 2 and 3."""
+    """Reply to the identity query, with garbage or a crash for partitions 2 and 3."""
     partition_id = int(context.node_config["partition-id"])
     if partition_id == RAISES:
         raise RuntimeError("simulated crash during the identity query")

@@ -86,8 +86,8 @@ def test_profiles_are_dealt_in_proportion_and_reproducibly():
     population = Population(
         profiles=[_profile(name="slow", weight=3.0), _profile(name="fast", weight=1.0)]
     )
-    # Two runs give the same 400 phones other random node ids; the strategy
-    # hands them to the clock in the same stable order (by partition id).
+    # Each run gives the same 400 phones new random node ids. The strategy
+    # passes them to the clock in one stable order (by partition id).
     rng = np.random.default_rng(0)
     first_run_nodes = [int(node) for node in rng.choice(2**40, size=400, replace=False)]
     second_run_nodes = [int(node) for node in rng.choice(2**40, size=400, replace=False)]
@@ -115,7 +115,7 @@ def test_profiles_follow_the_order_given_not_node_ids():
     backward = PhoneClock(population, seed=3, local_epochs=1)
     backward.assign(nodes[::-1])
 
-    # Phone k in the order gets the same profile; node ids play no part.
+    # Phone k in the order gets the same profile, whatever its node id.
     assert [forward.profile(node).name for node in nodes] == [
         backward.profile(node).name for node in nodes[::-1]
     ]

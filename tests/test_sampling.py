@@ -33,7 +33,7 @@ def _sampled_keys(sampler: SeededSampler, grid: _Grid, server_round: int, stage:
     return [sampler.node_keys[node] for node in sampled]
 
 
-def test_same_seed_samples_the_same_phones_under_new_node_ids():
+def test_same_seed_same_sample_new_node_ids():
     rng = np.random.default_rng(0)
     first, first_grid = _run(7, 24, rng)
     second, second_grid = _run(7, 24, rng)
@@ -66,7 +66,7 @@ def test_sample_size_is_fedavgs(num_nodes, fraction, min_nodes):
     assert set(sampled) <= set(all_nodes) == set(grid.node_ids)
 
 
-def test_nodes_without_a_key_sort_after_the_keyed_ones_by_node_id():
+def test_unkeyed_nodes_sort_last_by_node_id():
     keys = {50: 1, 40: 0, 10: 2}
 
     assert stable_order([99, 10, 5, 40, 50], keys) == [40, 50, 10, 5, 99]

@@ -87,8 +87,8 @@ def test_bad_replies_cost_those_replies_not_the_round(tmp_path, monkeypatch):
         assert record.failed_clients == 4
         assert record.declined_clients == 1
         assert record.decline_reasons == {faulty_clients.DECLINE_REASON: 1}
-        # Partition 2 answered the identity query with garbage and 3 crashed
-        # on it: neither has a key, and 2 still trains.
+        # Partition 2 replied to the identity query with garbage and 3 crashed
+        # on it. Neither has a key, and 2 still trains.
         assert record.clients == 1
         assert record.sampled_clients == 6
         assert record.sampled_partitions == [0, 1, 4, 5]
@@ -250,7 +250,7 @@ def test_same_seed_samples_the_same_phones(tmp_path, monkeypatch):
 
 def test_resumed_run_samples_as_an_uninterrupted_one(tmp_path, monkeypatch):
     # Error feedback and a compressed downlink keep per-node state that a
-    # restart loses, so they are off here: the rounds then match exactly.
+    # restart loses. With both off, the rounds match exactly.
     whole = simulate(_blobs_config(tmp_path, monkeypatch, run_name="whole"))
     simulate(_blobs_config(tmp_path, monkeypatch, run_name="resumed", num_server_rounds=2))
     resumed = simulate(_blobs_config(tmp_path, monkeypatch, run_name="resumed", resume=True))
