@@ -217,7 +217,7 @@ class CompressedFedAvg(FedAvg):
             arrays = ArrayRecord({name: Array(values) for name, values in self._global.items()})
         messages = self._sample(server_round, arrays, config, grid, TRAIN)
         sampled_clients = len(messages)
-        sampled_keys = self._keys(messages)
+        sampled_keys = self._sampled_keys(messages)
         if self.timer is not None:
             # In stable-key order, so that the clock deals the same profile to the same phone.
             node_ids = self.sampler.stable_order(grid.get_node_ids())
@@ -411,9 +411,11 @@ class CompressedFedAvg(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return list(self._construct_messages(record, node_ids, message_type))
 
-    def _keys(self, messages: list[Message]) -> list[int]:
+    def _sampled_keys(self, messages: list[Message]) -> list[int]:
+        """Return the stable keys of the nodes that `messages` go to, ascending, leaving out nodes without one."""
         keys = self.sampler.node_keys
-        return sorted(keys[node] for message in messages if (node := message.metadata.dst_node_id) in keys)
+        nodes = [message.metadata.dst_node_id for message in messages]
+        return sorted(keys[node] for node in nodes if node in keys)
 
     def _send_memory_limit(self, message: Message, clock: DeviceClock) -> None:
         """Tell the simulated phone its memory for training, in the round's config.

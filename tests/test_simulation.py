@@ -258,3 +258,30 @@ def test_resumed_run_samples_as_an_uninterrupted_one(tmp_path, monkeypatch):
     assert [resume.after_round for resume in resumed.resumes] == [2]
     assert resumed.rounds[2].sampled_partitions == whole.rounds[2].sampled_partitions
     assert resumed.rounds[2].accuracy == whole.rounds[2].accuracy
+
+
+def test_over_selection_keeps_phones_and_profiles(tmp_path, monkeypatch):
+    # Twice the phones a round needs are sampled and the first two reports
+    # count, so accuracy and round length also depend on which phone got the
+    # slow uplink: equal runs need the same sample and the same profiles.
+    def run(name):
+        config = _blobs_config(
+            tmp_path, monkeypatch, run_name=name, num_server_rounds=2, fraction_train=0.25, over_selection=2.0
+        )
+        return simulate(config, population=_two_speed_population())
+
+    first = run("first")
+    second = run("second")
+
+    for record in first.rounds:
+        assert record.sampled_clients == 4
+        assert len(record.sampled_partitions) == 4
+        assert record.clients == 2
+        assert record.late_clients == 2
+    assert [record.sampled_partitions for record in first.rounds] == [
+        record.sampled_partitions for record in second.rounds
+    ]
+    assert [record.simulated_seconds for record in first.rounds] == [
+        record.simulated_seconds for record in second.rounds
+    ]
+    assert [record.accuracy for record in first.rounds] == [record.accuracy for record in second.rounds]
