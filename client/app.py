@@ -16,6 +16,7 @@ from pocketfl.tasks.har.task import HarTask
 
 from .decline import decline_reply
 from .downlink import receive_model
+from .identity import identity_reply
 from .instructions import RoundInstructions
 from .memory import memory_limit_bytes, training_peak_bytes
 from .pruned_training import compressed_training, read_mask
@@ -46,7 +47,8 @@ def build_client_app(task_factory: TaskFactory) -> ClientApp:
     """Return a ClientApp that trains the task `task_factory` builds.
 
     The phone builds its task from the run's seed and cache folder, once per
-    process, and rejects rounds of any other task.
+    process, and rejects rounds of any other task. It replies to the
+    server's query for its stable key from the node config alone.
     """
     client_app = ClientApp()
 
@@ -59,6 +61,11 @@ def build_client_app(task_factory: TaskFactory) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         """Evaluate the model rebuilt from the downlink on this phone's local evaluation split."""
         return evaluate_round(task_factory, msg, context)
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Answer with this phone's stable key (see pocketfl.client.identity)."""
+        return identity_reply(msg, context)
 
     return client_app
 

@@ -17,6 +17,7 @@ from pocketfl.tasks.base import Task, TaskFactory
 
 from .checkpoint import Checkpoint, capture_rng_state, save_checkpoint, save_model
 from .config import MIN_TRAIN_NODES, RunConfig, check_pruning, prepare_folders
+from .node_keys import query_node_keys
 from .report import Report, RoundRecord, Summary, write_report
 from .resume import prepare_resume
 from .rounds import ContinuedRounds
@@ -50,15 +51,16 @@ def run_federation(
     model = task.build_model(seed=config.seed)
     x_held_out, y_held_out = task.central_data()
     report = _new_report(config, task, model)
+    # `flwr run` may start fewer SuperNodes than there are people, so only an
+    # explicit --clients waits for that many nodes.
+    min_available_nodes = config.num_clients or 1
 
     strategy = CompressedFedAvg(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_train,
         min_train_nodes=MIN_TRAIN_NODES,
         min_evaluate_nodes=1,
-        # `flwr run` may start fewer SuperNodes than there are people, so only an
-        # explicit --clients waits for that many nodes.
-        min_available_nodes=config.num_clients or 1,
+        min_available_nodes=min_available_nodes,
         uplink=config.compression,
         downlink=config.downlink_compression,
         seed=config.seed,
@@ -118,6 +120,8 @@ def run_federation(
     final_arrays = initial_arrays
     remaining_rounds = config.num_server_rounds - completed_rounds
     if remaining_rounds > 0:
+        # Asked again after a resume: node ids may have changed, partition ids have not.
+        strategy.sampler.node_keys = query_node_keys(grid, min_available_nodes, config.round_timeout)
         instructions = _instructions(config, task)
         result = rounds.start(
             grid=grid,
@@ -208,6 +212,7 @@ def _round_record(
         loss=loss,
         clients=traffic.clients,
         sampled_clients=traffic.sampled_clients,
+        sampled_partitions=traffic.sampled_keys,
         failed_clients=traffic.failed_clients,
         declined_clients=traffic.declined_clients,
         decline_reasons=dict(traffic.decline_reasons),

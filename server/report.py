@@ -33,6 +33,13 @@ class RoundRecord(BaseModel):
     )
     clients: int = Field(ge=0, description="Clients whose update was aggregated.")
     sampled_clients: int = Field(ge=0, description="Clients that were sent the round.")
+    sampled_partitions: list[int] = Field(
+        default_factory=list,
+        description=(
+            "Partition ids of the sampled clients that gave one, ascending; with one seed, "
+            "every run samples the same ones."
+        ),
+    )
     failed_clients: int = Field(ge=0, description="Replies that failed or did not decode.")
     declined_clients: int = Field(
         0, ge=0, description="Phones that declined the round (a dropout, not a failure)."

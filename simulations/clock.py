@@ -19,8 +19,10 @@ class PhoneClock:
     """A `DeviceClock` that gives each node a device profile drawn from a population.
 
     Profiles are dealt to nodes in exact proportion to their weights (largest
-    remainder), in an order drawn from `seed`, so two runs with the same seed
-    and number of nodes simulate the same mix of phones.
+    remainder), in an order drawn from `seed`. Nodes are dealt in the order
+    `assign` gets them, which the strategy gives in stable-key order
+    (partition id), so with the same seed and number of nodes phone k gets
+    the same profile and the same dropouts in every run.
 
     Parameters
     ----------
@@ -54,8 +56,8 @@ class PhoneClock:
         self._phones: dict[int, tuple[int, DeviceProfile]] = {}
 
     def assign(self, node_ids: Iterable[int]) -> None:
-        """Deal profiles to `node_ids`; nodes already dealt keep theirs."""
-        new_nodes = sorted(set(node_ids) - set(self._phones))
+        """Deal profiles to `node_ids`, in their order; nodes already dealt keep theirs."""
+        new_nodes = [node for node in dict.fromkeys(node_ids) if node not in self._phones]
         if not new_nodes:
             return
 

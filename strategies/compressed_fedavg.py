@@ -5,7 +5,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -38,6 +38,7 @@ from .replies import (
     read_metrics,
 )
 from .round_timer import RoundTimer, target_reports
+from .sampling import EVALUATE, TRAIN, SeededSampler
 from .streaming import StreamingMean
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class RoundTraffic:
     """Bytes and clients of one training round, measured from the real messages."""
 
     sampled_clients: int = 0
+    # Stable keys (partition ids) of the sampled nodes that have one, ascending.
+    sampled_keys: list[int] = field(default_factory=list)
     clients: int = 0
     failed_clients: int = 0
     declined_clients: int = 0
@@ -117,7 +120,7 @@ class CompressedFedAvg(FedAvg):
         Downlink pipeline spec. "none" sends the float32 ArrayRecord, as
         `FedAvg` does.
     seed : int, default 0
-        Run seed, for the downlink's stochastic rounding.
+        Run seed, for client sampling and the downlink's stochastic rounding.
     max_downlink_versions : int, default 3
         Reconstructions the server keeps, one float32 model copy each.
     min_reports : int, default 1
@@ -140,6 +143,12 @@ class CompressedFedAvg(FedAvg):
         masked entries of the aggregate stay zero.
     **kwargs
         Those of `flwr.serverapp.strategy.FedAvg`.
+
+    Clients are sampled with FedAvg's sample size and wait for
+    `min_available_nodes`, but by `SeededSampler`. Before the first round the
+    server stores each node's stable key (a simulated phone's partition id)
+    in `sampler.node_keys`, so two runs with one seed sample the same phones
+    every round.
 
     A phone may decline a round with a ConfigRecord "declined" holding a
     "reason"; it is counted in `RoundTraffic.declined_clients` by reason, as a
@@ -171,6 +180,7 @@ class CompressedFedAvg(FedAvg):
         if self.timer is not None:
             kwargs["fraction_train"] = self.timer.sample_fraction(self.target_fraction)
         super().__init__(**kwargs)
+        self.sampler = SeededSampler(seed)
         self.uplink = parse_compression_spec(uplink) if uplink is not None else None
         self.traffic: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] = {}
@@ -199,16 +209,18 @@ class CompressedFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients as FedAvg does, encode the downlink and record its bytes."""
+        """Sample clients (seeded), encode the downlink and record its bytes."""
         self._global = {name: array.numpy() for name, array in arrays.items()}
         mask_record = None
         if self.pruning is not None:
             self._mask, self._global, mask_record = prune_global(self.pruning, server_round, self._global)
             arrays = ArrayRecord({name: Array(values) for name, values in self._global.items()})
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._sample(server_round, arrays, config, grid, TRAIN)
         sampled_clients = len(messages)
+        sampled_keys = self._sampled_keys(messages)
         if self.timer is not None:
-            node_ids = list(grid.get_node_ids())
+            # In stable-key order, so that the clock deals the same profile to the same phone.
+            node_ids = self.sampler.stable_order(grid.get_node_ids())
             target = target_reports(len(node_ids), self.target_fraction, self.min_train_nodes)
             messages = self.timer.start_round(server_round, messages, node_ids, target)
         messages, payload_bytes = self._encode_downlink(messages)
@@ -219,7 +231,7 @@ class CompressedFedAvg(FedAvg):
             for message in messages:
                 self._send_memory_limit(message, self.timer.clock)
 
-        traffic = RoundTraffic(sampled_clients=sampled_clients)
+        traffic = RoundTraffic(sampled_clients=sampled_clients, sampled_keys=sampled_keys)
         message_sizes = [recorddict_to_proto(message.content).ByteSize() for message in messages]
         traffic.downlink_bytes = sum(message_sizes)
         if self.timer is not None:
@@ -233,9 +245,9 @@ class CompressedFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients as FedAvg does and encode the downlink as for training."""
+        """Sample clients (seeded) and encode the downlink as for training."""
         self._global = {name: array.numpy() for name, array in arrays.items()}
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self._sample(server_round, arrays, config, grid, EVALUATE)
         messages, _ = self._encode_downlink(messages)
         return messages
 
@@ -373,6 +385,37 @@ class CompressedFedAvg(FedAvg):
 
         self._settle_versions(answered)
         return evaluate_metrics.mean()
+
+    def _sample(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, stage: int
+    ) -> list[Message]:
+        """Build FedAvg's train or evaluate messages for a seeded sample of nodes."""
+        if stage == TRAIN:
+            fraction, min_nodes, message_type = self.fraction_train, self.min_train_nodes, MessageType.TRAIN
+        else:
+            fraction, min_nodes, message_type = (
+                self.fraction_evaluate,
+                self.min_evaluate_nodes,
+                MessageType.EVALUATE,
+            )
+        if fraction == 0.0:
+            return []
+
+        node_ids, all_nodes = self.sampler.sample(
+            grid, server_round, stage, fraction, min_nodes, self.min_available_nodes
+        )
+        logger.info(
+            "round %d: sampled %d of %d nodes for %s", server_round, len(node_ids), len(all_nodes), message_type
+        )
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, node_ids, message_type))
+
+    def _sampled_keys(self, messages: list[Message]) -> list[int]:
+        """Return the stable keys of the nodes that `messages` go to, ascending, leaving out nodes without one."""
+        keys = self.sampler.node_keys
+        nodes = [message.metadata.dst_node_id for message in messages]
+        return sorted(keys[node] for node in nodes if node in keys)
 
     def _send_memory_limit(self, message: Message, clock: DeviceClock) -> None:
         """Tell the simulated phone its memory for training, in the round's config.

@@ -66,7 +66,11 @@ class RoundTimer:
         all_node_ids: Sequence[int],
         target_reports: int,
     ) -> list[Message]:
-        """Deal profiles, drop the phones that leave this round, and return the messages to send."""
+        """Deal profiles, drop the phones that leave this round, and return the messages to send.
+
+        A clock with an `assign` method deals profiles to `all_node_ids` in
+        the order given, so the caller passes them in stable-key order.
+        """
         assign = getattr(self.clock, "assign", None)
         if assign is not None:
             assign(all_node_ids)

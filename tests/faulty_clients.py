@@ -12,6 +12,9 @@ this folder on PYTHONPATH.
 | 4 | honest update, re-encoded as float32 (`none`) | honest |
 | 5 | declines: "not charging" | honest |
 | 6 and up | honest | honest |
+
+Every partition replies honestly to the identity query, except 2, whose reply
+is garbage, and 3, which raises. Both still train as the table says.
 """
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from pocketfl.client.app import evaluate_round, train_round
 from pocketfl.client.decline import decline_reply
+from pocketfl.client.identity import IDENTITY_KEY, PARTITION_ID_KEY, identity_reply
 from pocketfl.compression import UpdateCodec, decode_update
 from pocketfl.tasks.har.model import build_model
 from pocketfl.tasks.har.task import HarTask
@@ -79,3 +83,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     if partition_id == EXTRA_RECORDS:
         metrics["battery"] = 0.5
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Reply to the identity query, with garbage or a crash for partitions 2 and 3."""
+    partition_id = int(context.node_config["partition-id"])
+    if partition_id == RAISES:
+        raise RuntimeError("simulated crash during the identity query")
+    if partition_id == EXTRA_RECORDS:
+        garbage = ConfigRecord({PARTITION_ID_KEY: "two", "x": b"\xff" * 8})
+        return Message(content=RecordDict({IDENTITY_KEY: garbage}), reply_to=msg)
+    return identity_reply(msg, context)

@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from pocketfl.simulations.clock import PhoneClock, transfer_seconds
@@ -85,16 +86,39 @@ def test_profiles_are_dealt_in_proportion_and_reproducibly():
     population = Population(
         profiles=[_profile(name="slow", weight=3.0), _profile(name="fast", weight=1.0)]
     )
-    nodes = [int(node) for node in range(1000, 1400)]
+    # Each run gives the same 400 phones new random node ids. The strategy
+    # passes them to the clock in one stable order (by partition id).
+    rng = np.random.default_rng(0)
+    first_run_nodes = [int(node) for node in rng.choice(2**40, size=400, replace=False)]
+    second_run_nodes = [int(node) for node in rng.choice(2**40, size=400, replace=False)]
 
     first = PhoneClock(population, seed=3, local_epochs=1)
-    first.assign(nodes)
+    first.assign(first_run_nodes)
     second = PhoneClock(population, seed=3, local_epochs=1)
-    second.assign(reversed(nodes))
+    second.assign(second_run_nodes)
 
-    counts = Counter(first.profile(node).name for node in nodes)
-    assert counts == {"slow": 300, "fast": 100}
-    assert [first.profile(node).name for node in nodes] == [second.profile(node).name for node in nodes]
+    first_profiles = [first.profile(node).name for node in first_run_nodes]
+    assert Counter(first_profiles) == {"slow": 300, "fast": 100}
+    assert first_profiles == [second.profile(node).name for node in second_run_nodes]
+    dropouts = [first.drops_out(node, 2, 0.0) for node in first_run_nodes]
+    assert dropouts == [second.drops_out(node, 2, 0.0) for node in second_run_nodes]
+
+
+def test_profiles_follow_the_order_given_not_node_ids():
+    population = Population(
+        profiles=[_profile(name="slow", weight=1.0), _profile(name="fast", weight=1.0)]
+    )
+    nodes = list(range(100))
+
+    forward = PhoneClock(population, seed=3, local_epochs=1)
+    forward.assign(nodes)
+    backward = PhoneClock(population, seed=3, local_epochs=1)
+    backward.assign(nodes[::-1])
+
+    # Phone k in the order gets the same profile, whatever its node id.
+    assert [forward.profile(node).name for node in nodes] == [
+        backward.profile(node).name for node in nodes[::-1]
+    ]
 
 
 def test_dropouts_follow_availability_by_hour():

@@ -87,8 +87,11 @@ def test_bad_replies_cost_those_replies_not_the_round(tmp_path, monkeypatch):
         assert record.failed_clients == 4
         assert record.declined_clients == 1
         assert record.decline_reasons == {faulty_clients.DECLINE_REASON: 1}
+        # Partition 2 replied to the identity query with garbage and 3 crashed
+        # on it. Neither has a key, and 2 still trains.
         assert record.clients == 1
         assert record.sampled_clients == 6
+        assert record.sampled_partitions == [0, 1, 4, 5]
         assert record.uplink_float32_bytes == 1 * 4 * report.num_parameters
         assert record.mean_train_seconds >= 0
         assert 0.0 <= record.client_accuracy <= 1.0
@@ -210,3 +213,75 @@ def test_phones_without_memory_for_training_decline(tmp_path):
         assert record.declined_clients == 2
         assert record.decline_reasons == {"insufficient-memory": 2}
         assert record.failed_clients == 0
+
+
+def _blobs_config(tmp_path, monkeypatch, **overrides):
+    # The Ray workers import examples/blobs_task.py by name.
+    monkeypatch.setenv("PYTHONPATH", str(EXAMPLES_DIR))
+    monkeypatch.syspath_prepend(str(EXAMPLES_DIR))
+    values = {
+        "task": "blobs_task:BlobsTask",
+        "num_clients": 8,
+        "num_server_rounds": 3,
+        "fraction_train": 0.5,
+        "learning_rate": 0.1,
+        "compression": "q:8",
+        "error_feedback": False,
+        "downlink_compression": "none",
+        "seed": 5,
+    }
+    values.update(overrides)
+    return _config(tmp_path, **values)
+
+
+def test_same_seed_samples_the_same_phones(tmp_path, monkeypatch):
+    first = simulate(_blobs_config(tmp_path, monkeypatch, run_name="first"))
+    second = simulate(_blobs_config(tmp_path, monkeypatch, run_name="second"))
+
+    sampled = [record.sampled_partitions for record in first.rounds]
+    assert all(len(partitions) == 4 for partitions in sampled)
+    assert len({tuple(partitions) for partitions in sampled}) > 1
+    assert sampled == [record.sampled_partitions for record in second.rounds]
+    assert [record.accuracy for record in first.rounds] == [record.accuracy for record in second.rounds]
+    assert [record.client_accuracy for record in first.rounds] == [
+        record.client_accuracy for record in second.rounds
+    ]
+
+
+def test_resumed_run_samples_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    # Error feedback and a compressed downlink keep per-node state that a
+    # restart loses. With both off, the rounds match exactly.
+    whole = simulate(_blobs_config(tmp_path, monkeypatch, run_name="whole"))
+    simulate(_blobs_config(tmp_path, monkeypatch, run_name="resumed", num_server_rounds=2))
+    resumed = simulate(_blobs_config(tmp_path, monkeypatch, run_name="resumed", resume=True))
+
+    assert [resume.after_round for resume in resumed.resumes] == [2]
+    assert resumed.rounds[2].sampled_partitions == whole.rounds[2].sampled_partitions
+    assert resumed.rounds[2].accuracy == whole.rounds[2].accuracy
+
+
+def test_over_selection_keeps_phones_and_profiles(tmp_path, monkeypatch):
+    # Twice the phones a round needs are sampled and the first two reports
+    # count, so accuracy and round length also depend on which phone got the
+    # slow uplink: equal runs need the same sample and the same profiles.
+    def run(name):
+        config = _blobs_config(
+            tmp_path, monkeypatch, run_name=name, num_server_rounds=2, fraction_train=0.25, over_selection=2.0
+        )
+        return simulate(config, population=_two_speed_population())
+
+    first = run("first")
+    second = run("second")
+
+    for record in first.rounds:
+        assert record.sampled_clients == 4
+        assert len(record.sampled_partitions) == 4
+        assert record.clients == 2
+        assert record.late_clients == 2
+    assert [record.sampled_partitions for record in first.rounds] == [
+        record.sampled_partitions for record in second.rounds
+    ]
+    assert [record.simulated_seconds for record in first.rounds] == [
+        record.simulated_seconds for record in second.rounds
+    ]
+    assert [record.accuracy for record in first.rounds] == [record.accuracy for record in second.rounds]
