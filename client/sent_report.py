@@ -5,15 +5,15 @@ as soon as the phone encodes, as if the server applied the payload. A server
 that closes a round before a report arrives discards it as late, and with it
 the payload's entries, for top-k the largest of the update. The server then
 names that round in the phone's next train message, and the phone adds the
-payload it kept back into its residual, so those entries go out again and the
-decoded payloads the server applied plus the residual equal the sum of the
-updates once more.
+payload it kept back into its residual, so those entries go out again. The
+decoded payloads that the server applied plus the residual then equal the sum
+of the updates once more.
 
 The payload is kept with its round and the pruning mask it was encoded under,
 which places the entries of masked tensors: in `Context.state`, or with node
 config `state-dir` in `<state-dir>/sent-report.npz` next to the residual. This
-costs the payload (about 1 kB for top-k 1% of the HAR model) plus one bit per
-entry of each masked tensor.
+costs the payload (about 1.2 kB for `topk:0.01,q:8` on the HAR model) plus
+one bit per entry of each masked tensor.
 """
 
 import logging

@@ -23,7 +23,7 @@ class DiscardedReports:
     A node's entry goes out with each train message to it and is forgotten
     once the node replies with an update, late or not, because a phone that
     encodes an update has used the notice. A phone that declines, fails or
-    drops out has not, so it is told again next time. A notice that comes
+    drops out has not, so its next train message names the round again. A notice that comes
     twice adds nothing, because the phone adds back only a payload of the
     round named.
     """

@@ -80,7 +80,7 @@ NODES = [1, 2, 3]
 
 
 class _SlowNodeClock:
-    """Stand-in DeviceClock: nobody drops out, and the nodes in `slow` report after 100 s."""
+    """Stand-in DeviceClock: no node drops out, and the nodes in `slow` report after 100 s."""
 
     def __init__(self, slow: set[int]) -> None:
         self.slow = slow
@@ -125,7 +125,7 @@ def _replies(nodes=NODES):
     return [_reply(np.ones(4, np.float32), 10, node) for node in nodes]
 
 
-def test_late_node_is_told_once_it_reports_again(monkeypatch):
+def test_late_node_gets_round_until_it_reports(monkeypatch):
     clock = _SlowNodeClock(slow={3})
     strategy = _timed_strategy(monkeypatch, clock)
 
@@ -140,7 +140,7 @@ def test_late_node_is_told_once_it_reports_again(monkeypatch):
     assert _discarded_rounds(strategy, 3) == {1: None, 2: None, 3: None}
 
 
-def test_late_node_that_declines_is_told_again(monkeypatch):
+def test_declining_node_gets_round_again(monkeypatch):
     clock = _SlowNodeClock(slow={3})
     strategy = _timed_strategy(monkeypatch, clock)
     _discarded_rounds(strategy, 1)
@@ -155,7 +155,7 @@ def test_late_node_that_declines_is_told_again(monkeypatch):
     assert _discarded_rounds(strategy, 3)[3] == 1
 
 
-def test_node_late_twice_is_told_the_later_round(monkeypatch):
+def test_twice_late_node_gets_later_round(monkeypatch):
     strategy = _timed_strategy(monkeypatch, _SlowNodeClock(slow={2}))
 
     for server_round in (1, 2):

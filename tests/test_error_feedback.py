@@ -340,11 +340,11 @@ def _instructions(server_round: int, discarded_round: int = 0, spec: str = "topk
     )
 
 
-def _run_phone(context, rounds, late_rounds, mask, tell_phone=True):
+def _run_phone(context, rounds, late_rounds, mask, send_notice=True):
     """Encode `rounds` random updates as the ClientApp does; return (applied sum, update sum, residual).
 
     The server applies every payload except those of `late_rounds`, and names
-    the last discarded round in the phone's next round when `tell_phone`.
+    the last discarded round in the phone's next round when `send_notice`.
     """
     rng = np.random.default_rng(5)
     shapes = {"conv.weight": (6, 4), "conv.bias": (6,)}
@@ -356,7 +356,7 @@ def _run_phone(context, rounds, late_rounds, mask, tell_phone=True):
         update = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
         # Training under a mask leaves masked entries of the update at zero.
         update = expand(compact(update, mask), mask, shapes)
-        instructions = _instructions(server_round, discarded if tell_phone else 0)
+        instructions = _instructions(server_round, discarded if send_notice else 0)
 
         payload = client_app._encode(update, instructions, context, seed=server_round, mask=mask)
 
@@ -386,7 +386,7 @@ def test_discarded_reports_rejoin_the_residual():
 
 
 def test_discarded_reports_are_lost_without_the_notice():
-    applied, total, residual = _run_phone(_phone(), rounds=12, late_rounds={3, 4, 8}, mask={}, tell_phone=False)
+    applied, total, residual = _run_phone(_phone(), rounds=12, late_rounds={3, 4, 8}, mask={}, send_notice=False)
 
     lost = np.abs(applied["conv.weight"] + residual["conv.weight"] - total["conv.weight"]).max()
     assert lost > 0.1
@@ -421,10 +421,10 @@ def test_notice_of_another_round_adds_nothing(caplog):
     _residual_after(control, _instructions(1))
 
     with caplog.at_level(logging.DEBUG, logger="pocketfl.client.sent_report"):
-        told = _residual_after(context, _instructions(2, discarded_round=7))
-    untold = _residual_after(control, _instructions(2))
+        with_notice = _residual_after(context, _instructions(2, discarded_round=7))
+    without_notice = _residual_after(control, _instructions(2))
 
-    np.testing.assert_array_equal(told, untold)
+    np.testing.assert_array_equal(with_notice, without_notice)
     assert "kept report is of round 1" in caplog.text
 
 

@@ -228,7 +228,7 @@ class RecordingDiscardedFedAvg(CompressedFedAvg):
         return messages
 
 
-def test_late_phones_are_told_their_discarded_round(tmp_path, monkeypatch):
+def test_late_phones_get_their_discarded_round(tmp_path, monkeypatch):
     # The Simulation Engine runs the ServerApp in this process, so the
     # strategy class can be swapped here; clients run in Ray workers.
     monkeypatch.setattr(federation, "CompressedFedAvg", RecordingDiscardedFedAvg)
