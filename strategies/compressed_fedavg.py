@@ -140,9 +140,9 @@ class CompressedFedAvg(FedAvg):
         encode only the kept entries (in C order, tensor by tensor) and
         masked entries of the aggregate stay zero.
     error_feedback : bool, default False
-        Whether clients keep an error-feedback residual. With a clock, a
-        node whose report was discarded as late is then told that round in
-        its next train message, so that it can add the payload back into its
+        Whether clients keep an error-feedback residual. With a clock, the
+        train messages to a node whose report was discarded as late then
+        name that round, so that the node can add the payload back into its
         residual (see `DiscardedReports`).
     **kwargs
         Those of `flwr.serverapp.strategy.FedAvg`.
