@@ -65,7 +65,12 @@ def keep_sent_report(context: Context, report: SentReport) -> None:
     names, blobs = pack_mask(report.mask)
     path = sent_report_path(context.node_config)
     if path is None:
-        fields = {ROUND_FIELD: report.server_round, PAYLOAD_FIELD: report.payload, MASK_TENSORS: names, MASK_BITS: blobs}
+        fields = {
+            ROUND_FIELD: report.server_round,
+            PAYLOAD_FIELD: report.payload,
+            MASK_TENSORS: names,
+            MASK_BITS: blobs,
+        }
         context.state[SENT_REPORT_KEY] = ConfigRecord(fields)
         return
 
@@ -97,7 +102,9 @@ def add_discarded_report(
     """
     fields = _kept_fields(context)
     if fields is None:
-        logger.warning("the server discarded this phone's report of round %d, which it no longer keeps", discarded_round)
+        logger.warning(
+            "the server discarded this phone's report of round %d, which it no longer keeps", discarded_round
+        )
         return residual
     if fields[ROUND_FIELD] != discarded_round:
         logger.debug(
