@@ -22,6 +22,7 @@ from .memory import memory_limit_bytes, training_peak_bytes
 from .pruned_training import compressed_training, read_mask
 from .policy import training_decline_reason
 from .residual_store import load_residual, residual_path, save_residual
+from .sent_report import SentReport, add_discarded_report, keep_sent_report
 
 logger = logging.getLogger(__name__)
 
@@ -249,12 +250,18 @@ def _encode(
         residual = {
             name: array.numpy() for name, array in context.state.array_records[RESIDUAL_KEY].items()
         }
+    if instructions.discarded_round:
+        residual = add_discarded_report(residual, instructions.discarded_round, context, shapes)
     if residual is not None:
         residual = compact(residual, mask)
     payload, residual = encode_with_error_feedback(codec, delta, residual, seed)
     # The residual is kept at full shape, so it survives a mask that changes
     # between rounds; what a pruned entry had left is dropped with it.
     residual = expand(residual, mask, shapes)
+
+    # Kept before the residual is saved, so that a crash in between can lose
+    # this payload but never add one back into a residual twice.
+    keep_sent_report(context, SentReport(instructions.server_round, payload, mask))
 
     # Error feedback costs one extra float32 copy of the model per client.
     if stored_at is not None:

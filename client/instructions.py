@@ -33,6 +33,9 @@ class RoundInstructions(BaseModel):
     qat: bool = False
     # Megabytes; 0 means no limit, for the ConfigRecord has no null.
     memory_limit_mb: float = Field(0.0, ge=0.0)
+    # The round of this phone's last report that the server discarded as
+    # late, 0 for none. Set per message, only in error-feedback runs.
+    discarded_round: int = Field(0, ge=0)
 
     @field_validator("compression")
     @classmethod
@@ -58,8 +61,8 @@ class RoundInstructions(BaseModel):
         )
 
     def to_config_record(self) -> ConfigRecord:
-        """Return the ConfigRecord the server sends."""
-        return ConfigRecord(self.model_dump(by_alias=True, exclude={"server_round"}))
+        """Return the round config the server sends to every phone; per-message keys are left out."""
+        return ConfigRecord(self.model_dump(by_alias=True, exclude={"server_round", "discarded_round"}))
 
     @classmethod
     def from_config_record(cls, record: ConfigRecord) -> "RoundInstructions":

@@ -58,11 +58,16 @@ def load_residual(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str
 
 def save_residual(path: Path, residual: Mapping[str, np.ndarray]) -> None:
     """Write `residual` to `path` atomically, creating the folder if needed."""
+    save_arrays(path, {name: np.asarray(values, dtype=np.float32) for name, values in residual.items()})
+
+
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write `arrays` to the `.npz` file `path` atomically, creating the folder if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as file:
-            np.savez(file, **{name: np.asarray(values, dtype=np.float32) for name, values in residual.items()})
+            np.savez(file, **arrays)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

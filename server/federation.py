@@ -69,6 +69,7 @@ def run_federation(
         round_deadline=config.round_deadline,
         over_selection=config.over_selection,
         pruning=_pruning_schedule(config, task),
+        error_feedback=config.error_feedback,
     )
     initial_arrays = ArrayRecord(model.state_dict())
     initial_accuracy = 0.0

@@ -19,6 +19,7 @@ from pocketfl.compression import (
 from pocketfl.compression.pruning import Mask, apply_mask, compact_shapes, expand
 
 from .device_clock import DeviceClock
+from .discarded_reports import DiscardedReports
 from .downlink import (
     BASE_VERSION_KEY,
     DEFAULT_MAX_VERSIONS,
@@ -141,6 +142,11 @@ class CompressedFedAvg(FedAvg):
         ConfigRecord "pruning-mask" of every train message; replies then
         encode only the kept entries (in C order, tensor by tensor) and
         masked entries of the aggregate stay zero.
+    error_feedback : bool, default False
+        Whether clients keep an error-feedback residual. With a clock, the
+        train messages to a node whose report was discarded as late then
+        name that round, so that the node can add the payload back into its
+        residual (see `DiscardedReports`).
     **kwargs
         Those of `flwr.serverapp.strategy.FedAvg`.
 
@@ -172,6 +178,7 @@ class CompressedFedAvg(FedAvg):
         round_deadline: float | None = None,
         over_selection: float = 1.0,
         pruning: PruningSchedule | None = None,
+        error_feedback: bool = False,
         **kwargs,
     ) -> None:
         self.min_reports = min_reports
@@ -194,17 +201,23 @@ class CompressedFedAvg(FedAvg):
         # version sent in the broadcast whose replies are still pending.
         self._held_versions: dict[int, int] = {}
         self._sent_versions: dict[int, int] = {}
+        self.discarded = DiscardedReports() if error_feedback and self.timer is not None else None
 
-    def checkpoint_state(self) -> dict[str, int]:
+    def checkpoint_state(self) -> dict:
         """Return what a restarted server needs to continue this strategy, as JSON-ready data."""
-        return {"downlink-last-version": self.downlink.last_version if self.downlink else NO_VERSION}
+        state = {"downlink-last-version": self.downlink.last_version if self.downlink else NO_VERSION}
+        if self.discarded is not None:
+            state.update(self.discarded.checkpoint_state())
+        return state
 
-    def restore_state(self, state: dict[str, int]) -> None:
+    def restore_state(self, state: dict) -> None:
         """Continue from `checkpoint_state()`; every node gets a full downlink next."""
         self._held_versions = {}
         self._sent_versions = {}
         if self.downlink is not None:
             self.downlink.continue_after(int(state.get("downlink-last-version", NO_VERSION)))
+        if self.discarded is not None:
+            self.discarded.restore_state(state)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -230,6 +243,8 @@ class CompressedFedAvg(FedAvg):
         if self.timer is not None:
             for message in messages:
                 self._send_memory_limit(message, self.timer.clock)
+        if self.discarded is not None:
+            self.discarded.add_to_messages(messages, self.configrecord_key)
 
         traffic = RoundTraffic(sampled_clients=sampled_clients, sampled_keys=sampled_keys)
         message_sizes = [recorddict_to_proto(message.content).ByteSize() for message in messages]
@@ -316,6 +331,8 @@ class CompressedFedAvg(FedAvg):
                 traffic.peak_memory_bytes = max(peak, traffic.peak_memory_bytes or 0)
 
         self._settle_versions(answered)
+        if self.discarded is not None:
+            self.discarded.settle(server_round, answered, late)
         logger.info(
             "round %d: aggregated %d of %d replies (%d dropped, %d declined)",
             server_round,

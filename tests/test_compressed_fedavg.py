@@ -1,12 +1,16 @@
-"""CompressedFedAvg.aggregate_train on hand-made replies, without a Flower run."""
+"""CompressedFedAvg on hand-made messages and replies, without a Flower run."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from pocketfl.compression import UpdateCodec
 from pocketfl.strategies import CompressedFedAvg
+from pocketfl.strategies.device_clock import ClientTime
+from pocketfl.strategies.discarded_reports import DISCARDED_ROUND_KEY
 
 SHAPES = {"w": (4,)}
 
@@ -68,3 +72,114 @@ def test_other_uplink_pipeline_dropped():
     assert arrays is not None
     assert strategy.traffic[1].clients == 1
     assert strategy.traffic[1].failed_clients == 1
+
+
+# Reports discarded as late, named in the node's next train message.
+
+NODES = [1, 2, 3]
+
+
+class _SlowNodeClock:
+    """Stand-in DeviceClock: no node drops out, and the nodes in `slow` report after 100 s."""
+
+    def __init__(self, slow: set[int]) -> None:
+        self.slow = slow
+
+    def drops_out(self, node_id, server_round, elapsed_seconds):
+        return False
+
+    def client_time(self, node_id, server_round, downlink_bytes, uplink_bytes, num_examples):
+        return ClientTime(0.0, 100.0 if node_id in self.slow else 1.0, 0.0)
+
+    def memory_limit_mb(self, node_id):
+        return None
+
+
+def _sample_every_node(strategy, server_round, arrays, config, grid):
+    # Stands in for FedAvg's sampling: Flower's Message needs a running app to be built.
+    return [
+        SimpleNamespace(
+            content=RecordDict({"arrays": arrays, "config": config}),
+            metadata=SimpleNamespace(dst_node_id=node, message_type="train"),
+        )
+        for node in grid.get_node_ids()
+    ]
+
+
+def _timed_strategy(monkeypatch, clock, error_feedback=True) -> CompressedFedAvg:
+    monkeypatch.setattr(FedAvg, "configure_train", _sample_every_node)
+    return CompressedFedAvg(clock=clock, round_deadline=10.0, error_feedback=error_feedback)
+
+
+def _discarded_rounds(strategy, server_round) -> dict[int, int | None]:
+    arrays = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    config = ConfigRecord({"server-round": server_round})
+    grid = SimpleNamespace(get_node_ids=lambda: NODES)
+    messages = strategy.configure_train(server_round, arrays, config, grid)
+    return {
+        message.metadata.dst_node_id: message.content["config"].get(DISCARDED_ROUND_KEY) for message in messages
+    }
+
+
+def _replies(nodes=NODES):
+    return [_reply(np.ones(4, np.float32), 10, node) for node in nodes]
+
+
+def test_late_node_gets_round_until_it_reports(monkeypatch):
+    clock = _SlowNodeClock(slow={3})
+    strategy = _timed_strategy(monkeypatch, clock)
+
+    assert _discarded_rounds(strategy, 1) == {1: None, 2: None, 3: None}
+    strategy.aggregate_train(1, _replies())
+    assert strategy.traffic[1].late_clients == 1
+
+    clock.slow = set()
+    assert _discarded_rounds(strategy, 2) == {1: None, 2: None, 3: 1}
+    strategy.aggregate_train(2, _replies())
+
+    assert _discarded_rounds(strategy, 3) == {1: None, 2: None, 3: None}
+
+
+def test_declining_node_gets_round_again(monkeypatch):
+    clock = _SlowNodeClock(slow={3})
+    strategy = _timed_strategy(monkeypatch, clock)
+    _discarded_rounds(strategy, 1)
+    strategy.aggregate_train(1, _replies())
+
+    clock.slow = set()
+    _discarded_rounds(strategy, 2)
+    declined = RecordDict({"declined": ConfigRecord({"reason": "not charging"})})
+    decline = SimpleNamespace(content=declined, metadata=SimpleNamespace(src_node_id=3), has_error=lambda: False)
+    strategy.aggregate_train(2, [*_replies([1, 2]), decline])
+
+    assert _discarded_rounds(strategy, 3)[3] == 1
+
+
+def test_twice_late_node_gets_later_round(monkeypatch):
+    strategy = _timed_strategy(monkeypatch, _SlowNodeClock(slow={2}))
+
+    for server_round in (1, 2):
+        _discarded_rounds(strategy, server_round)
+        strategy.aggregate_train(server_round, _replies())
+
+    assert _discarded_rounds(strategy, 3) == {1: None, 2: 2, 3: None}
+
+
+def test_without_error_feedback_no_round_is_named(monkeypatch):
+    strategy = _timed_strategy(monkeypatch, _SlowNodeClock(slow={3}), error_feedback=False)
+    _discarded_rounds(strategy, 1)
+    strategy.aggregate_train(1, _replies())
+
+    assert _discarded_rounds(strategy, 2) == {1: None, 2: None, 3: None}
+
+
+def test_discarded_rounds_survive_a_checkpoint(monkeypatch):
+    strategy = _timed_strategy(monkeypatch, _SlowNodeClock(slow={3}))
+    _discarded_rounds(strategy, 1)
+    strategy.aggregate_train(1, _replies())
+
+    state = json.loads(json.dumps(strategy.checkpoint_state()))
+    restarted = _timed_strategy(monkeypatch, _SlowNodeClock(slow=set()))
+    restarted.restore_state(state)
+
+    assert _discarded_rounds(restarted, 2)[3] == 1

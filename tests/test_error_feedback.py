@@ -1,9 +1,17 @@
-"""Error feedback: residuals carry what compression lost into later rounds."""
+"""Error feedback: residuals carry what compression lost into later rounds, late reports included."""
+
+import logging
 
 import numpy as np
 import pytest
+from flwr.app import Context, RecordDict
 
+from pocketfl.client import app as client_app
+from pocketfl.client.instructions import RoundInstructions
+from pocketfl.client.residual_store import load_residual, residual_path
+from pocketfl.client.sent_report import SENT_REPORT_FILE, SENT_REPORT_KEY, add_discarded_report
 from pocketfl.compression import UpdateCodec, decode_update, encode_with_error_feedback
+from pocketfl.compression.pruning import compact, compact_shapes, expand
 
 
 def shapes_of(update):
@@ -309,3 +317,163 @@ def test_lowrank_residual_stays_bounded_and_shrinks_error():
 
     assert max(norms[10:]) < 3 * max(norms[:10])
     assert norms[-1] < np.linalg.norm(30 * signal) * 0.1
+
+
+# Client side: reports that the server discards as late.
+
+
+def _phone(node_config=None) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config or {}, state=RecordDict(), run_config={})
+
+
+def _instructions(server_round: int, discarded_round: int = 0, spec: str = "topk:0.05,q:4") -> RoundInstructions:
+    return RoundInstructions(
+        server_round=server_round,
+        compression=spec,
+        error_feedback=True,
+        local_epochs=1,
+        learning_rate=0.1,
+        batch_size=32,
+        held_out_people=1,
+        seed=0,
+        discarded_round=discarded_round,
+    )
+
+
+def _run_phone(context, rounds, late_rounds, mask, send_notice=True):
+    """Encode `rounds` random updates as the ClientApp does; return (applied sum, update sum, residual).
+
+    The server applies every payload except those of `late_rounds`, and names
+    the last discarded round in the phone's next round when `send_notice`.
+    """
+    rng = np.random.default_rng(5)
+    shapes = {"conv.weight": (6, 4), "conv.bias": (6,)}
+    applied = {name: np.zeros(shape) for name, shape in shapes.items()}
+    total = {name: np.zeros(shape) for name, shape in shapes.items()}
+    discarded = 0
+
+    for server_round in range(1, rounds + 1):
+        update = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+        # Training under a mask leaves masked entries of the update at zero.
+        update = expand(compact(update, mask), mask, shapes)
+        instructions = _instructions(server_round, discarded if send_notice else 0)
+
+        payload = client_app._encode(update, instructions, context, seed=server_round, mask=mask)
+
+        for name in shapes:
+            total[name] += update[name]
+        if server_round in late_rounds:
+            discarded = server_round
+            continue
+        discarded = 0
+        decoded = expand(decode_update(payload, compact_shapes(shapes, mask)), mask, shapes)
+        for name in shapes:
+            applied[name] += decoded[name]
+
+    if "state-dir" in context.node_config:
+        residual = load_residual(residual_path(context.node_config), shapes)
+    else:
+        residual = {name: array.numpy() for name, array in context.state.array_records["residual"].items()}
+    return applied, total, residual
+
+
+def test_discarded_reports_rejoin_the_residual():
+    # Two late rounds in a row, then one more later on.
+    applied, total, residual = _run_phone(_phone(), rounds=12, late_rounds={3, 4, 8}, mask={})
+
+    for name in total:
+        np.testing.assert_allclose(applied[name] + residual[name], total[name], atol=1e-4, err_msg=name)
+
+
+def test_discarded_reports_are_lost_without_the_notice():
+    applied, total, residual = _run_phone(_phone(), rounds=12, late_rounds={3, 4, 8}, mask={}, send_notice=False)
+
+    lost = np.abs(applied["conv.weight"] + residual["conv.weight"] - total["conv.weight"]).max()
+    assert lost > 0.1
+
+
+def test_discarded_report_in_state_dir_under_a_mask(tmp_path):
+    mask = {"conv.weight": np.arange(24).reshape(6, 4) % 3 != 0}
+    context = _phone({"state-dir": str(tmp_path / "state")})
+
+    applied, total, residual = _run_phone(context, rounds=10, late_rounds={2, 6}, mask=mask)
+
+    assert (tmp_path / "state" / SENT_REPORT_FILE).exists()
+    assert SENT_REPORT_KEY not in context.state.config_records
+    for name in total:
+        np.testing.assert_allclose(applied[name] + residual[name], total[name], atol=1e-4, err_msg=name)
+
+
+def _encode_ramp(context, instructions):
+    update = {"w": np.linspace(-1.0, 1.0, 40, dtype=np.float32)}
+    client_app._encode(update, instructions, context, seed=instructions.server_round, mask={})
+
+
+def _residual_after(context, instructions):
+    _encode_ramp(context, instructions)
+    return context.state.array_records["residual"]["w"].numpy()
+
+
+def test_notice_of_another_round_adds_nothing(caplog):
+    context = _phone()
+    _residual_after(context, _instructions(1))
+    control = _phone()
+    _residual_after(control, _instructions(1))
+
+    with caplog.at_level(logging.DEBUG, logger="pocketfl.client.sent_report"):
+        with_notice = _residual_after(context, _instructions(2, discarded_round=7))
+    without_notice = _residual_after(control, _instructions(2))
+
+    np.testing.assert_array_equal(with_notice, without_notice)
+    assert "kept report is of round 1" in caplog.text
+
+
+def test_notice_without_kept_report_is_ignored(caplog):
+    with caplog.at_level(logging.WARNING, logger="pocketfl.client.sent_report"):
+        residual = _residual_after(_phone(), _instructions(3, discarded_round=2))
+
+    assert residual.shape == (40,)
+    assert "no longer keeps" in caplog.text
+
+
+def test_damaged_kept_report_is_ignored(caplog):
+    context = _phone()
+    _residual_after(context, _instructions(1))
+    kept = context.state.config_records[SENT_REPORT_KEY]
+    kept["payload"] = kept["payload"][:10]
+
+    with caplog.at_level(logging.WARNING, logger="pocketfl.client.sent_report"):
+        _residual_after(context, _instructions(2, discarded_round=1))
+
+    assert "ignoring the kept report of round 1" in caplog.text
+    assert context.state.config_records[SENT_REPORT_KEY]["round"] == 2
+
+
+def test_kept_report_of_another_model_is_ignored(tmp_path, caplog):
+    context = _phone({"state-dir": str(tmp_path)})
+    _encode_ramp(context, _instructions(1))
+    shapes = {"w": (41,)}
+
+    with caplog.at_level(logging.WARNING, logger="pocketfl.client.sent_report"):
+        residual = add_discarded_report(None, 1, context, shapes)
+
+    assert residual is None
+    assert "ignoring the kept report of round 1" in caplog.text
+
+
+def test_unreadable_kept_report_file_is_ignored(tmp_path, caplog):
+    context = _phone({"state-dir": str(tmp_path)})
+    (tmp_path / SENT_REPORT_FILE).write_bytes(b"not a zip file")
+
+    with caplog.at_level(logging.WARNING, logger="pocketfl.client.sent_report"):
+        residual = add_discarded_report(None, 1, context, {"w": (40,)})
+
+    assert residual is None
+    assert "unreadable kept report" in caplog.text
+
+
+def test_round_config_has_no_discarded_round():
+    # The key is per message, and only error-feedback runs with a clock send it.
+    record = _instructions(5, discarded_round=4).to_config_record()
+
+    assert "discarded-round" not in record

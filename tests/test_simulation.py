@@ -6,11 +6,14 @@ import pytest
 import torch
 from flwr.simulation import run_simulation
 
+from pocketfl.server import federation
 from pocketfl.server.app import build_server_app
 from pocketfl.server.config import load_run_config
 from pocketfl.server.report import read_report
 from pocketfl.simulations.engine import backend_config, simulate
 from pocketfl.simulations.profiles import DeviceProfile, Population
+from pocketfl.strategies import CompressedFedAvg
+from pocketfl.strategies.discarded_reports import DISCARDED_ROUND_KEY
 
 pytestmark = pytest.mark.simulation
 
@@ -285,3 +288,42 @@ def test_over_selection_keeps_phones_and_profiles(tmp_path, monkeypatch):
         record.simulated_seconds for record in second.rounds
     ]
     assert [record.accuracy for record in first.rounds] == [record.accuracy for record in second.rounds]
+
+
+class RecordingDiscardedFedAvg(CompressedFedAvg):
+    """Records, for each training round, the discarded round named in each train message."""
+
+    named: list[list[int | None]] = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        RecordingDiscardedFedAvg.named.append(
+            sorted((message.content["config"].get(DISCARDED_ROUND_KEY) for message in messages), key=str)
+        )
+        return messages
+
+
+def test_late_phones_get_their_discarded_round(tmp_path, monkeypatch):
+    # The Simulation Engine runs the ServerApp in this process, so the
+    # strategy class can be swapped here; clients run in Ray workers.
+    monkeypatch.setattr(federation, "CompressedFedAvg", RecordingDiscardedFedAvg)
+    RecordingDiscardedFedAvg.named = []
+    common = {"weight": 1.0, "memory_mb": 2048, "downlink_mbps": 100.0, "uplink_mbps": 100.0, "availability": 1.0}
+    # A HAR phone has a few hundred training examples: the slow phones train
+    # for minutes and miss the 5 s deadline every round.
+    population = Population(
+        profiles=[
+            DeviceProfile(name="fast", train_samples_per_second=1e6, **common),
+            DeviceProfile(name="slow", train_samples_per_second=1.0, **common),
+        ]
+    )
+    config = _config(tmp_path, num_clients=4, num_server_rounds=3, round_deadline=5.0, error_feedback=True)
+
+    report = simulate(config, population=population)
+
+    for record in report.rounds:
+        assert record.clients == 2
+        assert record.late_clients == 2
+        assert record.failed_clients == 0
+        assert not record.failed
+    assert RecordingDiscardedFedAvg.named == [[None] * 4, [1, 1, None, None], [2, 2, None, None]]
