@@ -425,8 +425,16 @@ class CompressedFedAvg(FedAvg):
             "round %d: sampled %d of %d nodes for %s", server_round, len(node_ids), len(all_nodes), message_type
         )
         config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return list(self._construct_messages(record, node_ids, message_type))
+
+        # FedAvg shares one RecordDict among a round's messages. Each gets its own
+        # config, so a per-node value (memory limit, discarded round) stays with its node.
+        messages = []
+        for node_id in node_ids:
+            record = RecordDict(
+                {self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord(dict(config))}
+            )
+            messages.extend(self._construct_messages(record, [node_id], message_type))
+        return messages
 
     def _sampled_keys(self, messages: list[Message]) -> list[int]:
         """Return the stable keys of the nodes that `messages` go to, ascending, leaving out nodes without one."""
@@ -444,10 +452,9 @@ class CompressedFedAvg(FedAvg):
         if limit_mb is None:
             return
 
-        config = ConfigRecord(dict(message.content.config_records[self.configrecord_key]))
+        config = message.content.config_records[self.configrecord_key]
         run_limit_mb = float(config.get(MEMORY_LIMIT_KEY, 0.0))
         config[MEMORY_LIMIT_KEY] = min(limit_mb, run_limit_mb) if run_limit_mb > 0 else limit_mb
-        message.content[self.configrecord_key] = config
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: array.shape for name, array in self._global.items()}

@@ -9,7 +9,7 @@ config, and the phone adds the payload it kept back into its residual.
 
 from collections.abc import Iterable
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import Message
 
 # Key in the round config of one train message; the client reads it as
 # `RoundInstructions.discarded_round`.
@@ -38,10 +38,8 @@ class DiscardedReports:
             if discarded_round is None:
                 continue
 
-            # FedAvg shares one ConfigRecord among all messages of a round.
-            config = ConfigRecord(dict(message.content.config_records[config_key]))
-            config[DISCARDED_ROUND_KEY] = discarded_round
-            message.content[config_key] = config
+            # Each message has its own config (see CompressedFedAvg._sample).
+            message.content.config_records[config_key][DISCARDED_ROUND_KEY] = discarded_round
 
     def settle(self, server_round: int, updated: set[int], late: set[int]) -> None:
         """Forget the nodes that sent an update in `server_round`, then record those whose update was late."""

@@ -10,6 +10,7 @@ from flwr.serverapp.strategy import FedAvg
 from pocketfl.compression import UpdateCodec
 from pocketfl.strategies import CompressedFedAvg
 from pocketfl.strategies.device_clock import ClientTime
+from pocketfl.strategies.compressed_fedavg import MEMORY_LIMIT_KEY
 from pocketfl.strategies.discarded_reports import DISCARDED_ROUND_KEY
 
 SHAPES = {"w": (4,)}
@@ -95,19 +96,16 @@ class _SlowNodeClock:
         return None
 
 
-def _sample_every_node(strategy, server_round, arrays, config, grid):
-    # Stands in for FedAvg's sampling: Flower's Message needs a running app to be built.
+def _stand_in_messages(strategy, record, node_ids, message_type):
+    # Stands in for FedAvg's message construction: Flower's Message needs a running app to be built.
     return [
-        SimpleNamespace(
-            content=RecordDict({"arrays": arrays, "config": config}),
-            metadata=SimpleNamespace(dst_node_id=node, message_type="train"),
-        )
-        for node in grid.get_node_ids()
+        SimpleNamespace(content=record, metadata=SimpleNamespace(dst_node_id=node, message_type=message_type))
+        for node in node_ids
     ]
 
 
 def _timed_strategy(monkeypatch, clock, error_feedback=True) -> CompressedFedAvg:
-    monkeypatch.setattr(FedAvg, "configure_train", _sample_every_node)
+    monkeypatch.setattr(FedAvg, "_construct_messages", _stand_in_messages)
     return CompressedFedAvg(clock=clock, round_deadline=10.0, error_feedback=error_feedback)
 
 
@@ -183,3 +181,27 @@ def test_discarded_rounds_survive_a_checkpoint(monkeypatch):
     restarted.restore_state(state)
 
     assert _discarded_rounds(restarted, 2)[3] == 1
+
+
+class _MemoryClock(_SlowNodeClock):
+    """Stand-in DeviceClock whose node n has n MB for training."""
+
+    def __init__(self) -> None:
+        super().__init__(slow=set())
+
+    def memory_limit_mb(self, node_id):
+        return float(node_id)
+
+
+def test_each_node_gets_own_memory_limit(monkeypatch):
+    # With the downlink "none" the messages keep the config FedAvg built, so a
+    # config shared among them would give every node the last node's limit.
+    monkeypatch.setattr(FedAvg, "_construct_messages", _stand_in_messages)
+    strategy = CompressedFedAvg(clock=_MemoryClock(), downlink="none")
+    arrays = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    grid = SimpleNamespace(get_node_ids=lambda: NODES)
+
+    messages = strategy.configure_train(1, arrays, ConfigRecord({}), grid)
+
+    limits = {message.metadata.dst_node_id: message.content["config"][MEMORY_LIMIT_KEY] for message in messages}
+    assert limits == {1: 1.0, 2: 2.0, 3: 3.0}
