@@ -84,7 +84,7 @@ def compare(
             on_start(label)
         report = simulate(config, population=population, start_hour=start_hour)
         runs.append(
-            ComparedRun(label, compression, downlink, report, _first_at(report, target_accuracy))
+            ComparedRun(label, compression, downlink, report, first_at(report, target_accuracy))
         )
 
     table = markdown_table(runs, target_accuracy, task.central_data_name)
@@ -188,7 +188,8 @@ def write_plots(
         plt.close(figure)
 
 
-def _first_at(report: Report, target_accuracy: float) -> RoundRecord | None:
+def first_at(report: Report, target_accuracy: float) -> RoundRecord | None:
+    """Return the first round whose central accuracy is at least `target_accuracy`, or None."""
     return next((record for record in report.rounds if record.accuracy >= target_accuracy), None)
 
 

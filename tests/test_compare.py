@@ -3,7 +3,7 @@
 from matplotlib.axes import Axes
 
 from pocketfl.server.report import Report, RoundRecord, Summary
-from pocketfl.simulations.compare import PLOT_FILES, ComparedRun, _first_at, markdown_table, write_plots
+from pocketfl.simulations.compare import PLOT_FILES, ComparedRun, first_at, markdown_table, write_plots
 
 
 def _report(accuracies: list[float], seconds_per_round: float, uplink_per_round: int) -> Report:
@@ -47,7 +47,7 @@ def _report(accuracies: list[float], seconds_per_round: float, uplink_per_round:
 
 
 def _run(label: str, report: Report, target: float) -> ComparedRun:
-    return ComparedRun(label, label, "none", report, _first_at(report, target))
+    return ComparedRun(label, label, "none", report, first_at(report, target))
 
 
 def test_table_gives_time_to_target_and_speedup():
