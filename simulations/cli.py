@@ -26,6 +26,7 @@ from pocketfl.server.credentials import PUBLIC_KEY_LIST_FILE, create_certificate
 from pocketfl.server.federation import MODEL_FILE
 from pocketfl.server.report import REPORT_FILE, ROUNDS_FILE, Report, RoundRecord
 from pocketfl.simulations.profiles import Population, resolve_population
+from pocketfl.simulations.run_labels import BASELINE, run_label
 from pocketfl.tasks.base import Task, TaskFactory, resolve_task
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning for phones.")
@@ -47,16 +48,18 @@ OPTION_NAMES.update(
 
 
 def _check_distinct_pipelines(specs: list[str]) -> None:
-    # Each run writes to a folder named after its pipeline, so a repeated one
-    # would overwrite the other's results; "none" is the FedAvg baseline's.
-    seen = {"none"}
+    # Each run writes to a folder named after its pipeline, so two pipelines
+    # with one folder name would overwrite each other's results.
+    seen = {run_label(BASELINE): BASELINE}
     for spec in specs:
-        if spec in seen:
+        label = run_label(spec)
+        if label in seen:
             raise ValueError(
-                f"invalid value '{spec}' for --compression: given twice, or the same as the "
-                "FedAvg baseline ('none') that compare always runs; list each pipeline once"
+                f"invalid value '{spec}' for --compression: its run folder '{label}' is also that of "
+                f"'{seen[label]}' (the FedAvg baseline 'none' always runs); list each pipeline once, "
+                "written differently enough to get its own folder"
             )
-        seen.add(spec)
+        seen[label] = spec
 
 
 def _check_hour(value: float) -> float:

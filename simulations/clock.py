@@ -13,6 +13,9 @@ SECONDS_PER_HOUR = 3600.0
 BITS_PER_BYTE = 8
 BITS_PER_MEGABIT = 1_000_000
 BYTES_PER_MIB = 2**20
+# Last word of the dropout draws' seed, apart from the sampler's and from the
+# phones' training seeds (see SAMPLING_STREAM in strategies/sampling.py).
+DROPOUT_STREAM = 0x64726F70
 
 
 class PhoneClock:
@@ -80,7 +83,7 @@ class PhoneClock:
 
         hour = int((self.start_hour + elapsed_seconds / SECONDS_PER_HOUR) % 24)
         phone_index = self._phones[node_id][0]
-        draw = np.random.default_rng([self.seed, server_round, phone_index]).random()
+        draw = np.random.default_rng([self.seed, server_round, phone_index, DROPOUT_STREAM]).random()
         return bool(draw >= profile.availability_at(hour))
 
     def client_time(

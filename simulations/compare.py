@@ -27,8 +27,8 @@ from pocketfl.tasks.base import Task, resolve_task
 
 from .engine import simulate
 from .profiles import Population
+from .run_labels import BASELINE, run_label
 
-BASELINE = "none"
 TABLE_FILE = "compare.md"
 PLOT_FILES = {
     "round": "accuracy-by-round.png",
@@ -70,7 +70,7 @@ def compare(
         (pipeline, base.downlink_compression, base.error_feedback) for pipeline in pipelines
     ]
     for compression, downlink, error_feedback in settings:
-        label = "fedavg-float32" if compression == BASELINE else _slug(compression)
+        label = run_label(compression)
         config = base.model_copy(
             update={
                 "run_name": label,
@@ -227,8 +227,3 @@ def _speedup(baseline: ComparedRun, run: ComparedRun) -> str:
     if seconds <= 0:
         return "-"
     return f"{baseline.target_round.cumulative_simulated_seconds / seconds:.2f}x"
-
-
-def _slug(pipeline: str) -> str:
-    # Run names allow letters, digits, '.', '_' and '-' only.
-    return re.sub(r"[^A-Za-z0-9.]+", "-", pipeline.replace(":", "")).strip("-")

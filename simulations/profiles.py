@@ -15,6 +15,7 @@ is available for federated work. A population is a weighted mix of profiles;
     availability = 0.9                # or a list of 24 values, one per hour of day
 """
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,10 @@ class Population(BaseModel):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"profile names must be unique; repeated: {', '.join(duplicates)}")
+
+        # Each weight is finite, but the shares are weight / sum.
+        if not math.isfinite(sum(profile.weight for profile in profiles)):
+            raise ValueError("profile weights sum to more than a float can hold; use shares such as 0.25")
         return profiles
 
 

@@ -286,6 +286,7 @@ class CompressedFedAvg(FedAvg):
             traffic.simulated_seconds = timed.seconds
 
         answered = set()
+        aggregated = set()
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if node_id in late:
@@ -320,6 +321,7 @@ class CompressedFedAvg(FedAvg):
 
             running_mean.add(delta, weight)
             train_metrics.add(metrics, weight)
+            aggregated.add(node_id)
 
             traffic.clients += 1
             traffic.uplink_bytes += len(reply.content[UPDATE_KEY][PAYLOAD_KEY])
@@ -331,8 +333,6 @@ class CompressedFedAvg(FedAvg):
                 traffic.peak_memory_bytes = max(peak, traffic.peak_memory_bytes or 0)
 
         self._settle_versions(answered)
-        if self.discarded is not None:
-            self.discarded.settle(server_round, answered, late)
         logger.info(
             "round %d: aggregated %d of %d replies (%d dropped, %d declined)",
             server_round,
@@ -351,6 +351,7 @@ class CompressedFedAvg(FedAvg):
                 running_mean.count,
                 self.min_reports,
             )
+            self._settle_discarded(server_round, answered, late | aggregated)
             return None, None
 
         # Clients sent `local - reconstruction`. The mean goes onto the exact
@@ -368,8 +369,10 @@ class CompressedFedAvg(FedAvg):
                 "discarded and the previous global model is kept",
                 server_round,
             )
+            self._settle_discarded(server_round, answered, late | aggregated)
             return None, None
 
+        self._settle_discarded(server_round, answered, late)
         arrays = ArrayRecord({name: Array(values) for name, values in new_global.items()})
         return arrays, train_metrics.mean()
 
@@ -503,6 +506,13 @@ class CompressedFedAvg(FedAvg):
             payload_bytes += len(model.payload)
             self._sent_versions[node] = model.version
         return compressed, payload_bytes
+
+    def _settle_discarded(self, server_round: int, answered: set[int], discarded: set[int]) -> None:
+        """Record the nodes whose update the server dropped, so that their phones add it back."""
+        # With error feedback a phone counts its payload as applied once sent,
+        # so a late report and every report of a failed round must be named back.
+        if self.discarded is not None:
+            self.discarded.settle(server_round, answered, discarded)
 
     def _settle_versions(self, answered: set[int]) -> None:
         """Record the version of each node that replied; forget the others.

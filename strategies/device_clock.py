@@ -72,6 +72,7 @@ def close_round(
     target_reports: int,
     deadline_seconds: float | None,
     waited_for_dropouts: bool = False,
+    send_order: Mapping[int, int] | None = None,
 ) -> RoundOutcome:
     """Keep the first `target_reports` reports that arrive before the deadline.
 
@@ -88,6 +89,11 @@ def close_round(
         Whether some sampled nodes dropped out. A server cannot tell a dropout
         from a slow phone, so when the target is not met it waits until the
         deadline.
+    send_order : mapping of node id to int, optional
+        Position of each node in the round's sample. Reports that arrive at
+        the same simulated second are taken in this order, then by node id.
+        Simulated node ids change between runs, so a seeded run passes it to
+        keep equal phones in the same order.
 
     Returns
     -------
@@ -96,7 +102,10 @@ def close_round(
         length: the arrival of the last accepted report when the target is
         met; otherwise the deadline (or, without one, the last arrival).
     """
-    arrivals = sorted(times, key=lambda node: (times[node].total_seconds, node))
+    send_order = send_order or {}
+    arrivals = sorted(
+        times, key=lambda node: (times[node].total_seconds, send_order.get(node, len(send_order)), node)
+    )
     on_time = [node for node in arrivals if _in_time(times[node], deadline_seconds)]
     outcome = RoundOutcome(accepted=on_time[:target_reports])
     outcome.late = [node for node in arrivals if node not in set(outcome.accepted)]

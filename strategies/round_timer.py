@@ -21,6 +21,8 @@ class TimedRound:
     """Dropouts, late reports and simulated length of one round."""
 
     target_reports: int
+    # Position of each node in the round's sample, the tie-break of equal arrivals.
+    send_order: dict[int, int] = field(default_factory=dict)
     downlink_bytes: dict[int, int] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)
     late: set[int] = field(default_factory=set)
@@ -78,8 +80,9 @@ class RoundTimer:
         timed = TimedRound(target_reports=target_reports)
         self.rounds[server_round] = timed
         to_send = []
-        for message in messages:
+        for index, message in enumerate(messages):
             node_id = message.metadata.dst_node_id
+            timed.send_order[node_id] = index
             if self.clock.drops_out(node_id, server_round, self.elapsed_seconds):
                 timed.dropped.append(node_id)
             else:
@@ -111,7 +114,11 @@ class RoundTimer:
             )
 
         outcome = close_round(
-            times, timed.target_reports, self.deadline_seconds, waited_for_dropouts=bool(timed.dropped)
+            times,
+            timed.target_reports,
+            self.deadline_seconds,
+            waited_for_dropouts=bool(timed.dropped),
+            send_order=timed.send_order,
         )
         timed.late = set(outcome.late)
         timed.seconds = outcome.seconds

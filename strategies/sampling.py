@@ -38,6 +38,12 @@ def stable_order(node_ids: Iterable[int], node_keys: Mapping[int, int]) -> list[
     return [node for _, node in keyed] + unkeyed
 
 
+# Last word of the sampler's seed. Phones seed training with [seed, round,
+# partition] and the simulated clock draws dropouts with its own last word, and
+# numpy pads a seed with zeros, so a distinct non-zero last word keeps the
+# streams apart.
+SAMPLING_STREAM = 0x73616D70
+
 def sample_in_order(
     ordered_nodes: list[int], sample_size: int, seed: int, server_round: int, stage: int
 ) -> list[int]:
@@ -50,7 +56,7 @@ def sample_in_order(
         raise ValueError(
             f"invalid sample size {sample_size}: must be between 0 and the {len(ordered_nodes)} nodes"
         )
-    rng = np.random.default_rng([seed, server_round, stage])
+    rng = np.random.default_rng([seed, server_round, stage, SAMPLING_STREAM])
     chosen = np.sort(rng.choice(len(ordered_nodes), size=sample_size, replace=False))
     return [ordered_nodes[index] for index in chosen]
 

@@ -177,6 +177,21 @@ def test_compare_rejects_unreachable_min_reports(engine, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("pipelines", "folder"),
+    [(["qsgd:4:16", "qsgd:41:6"], "qsgd416"), (["q:8", "q:8"], "q8"), (["none"], "fedavg-float32")],
+)
+def test_compare_rejects_shared_run_folder(engine, tmp_path, pipelines, folder):
+    arguments = [argument for pipeline in pipelines for argument in ("--compression", pipeline)]
+
+    result = runner.invoke(cli, ["compare", "--output-dir", str(tmp_path), *arguments])
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert f"its run folder '{folder}'" in output
+    assert not list(tmp_path.iterdir())
+
+
 def test_channel_pruning_without_chain_fails(engine, examples_on_path, tmp_path):
     arguments = ["--task", "blobs_task:BlobsTask", "--clients", "2", "--pruning", "channel"]
 

@@ -163,6 +163,21 @@ def test_twice_late_node_gets_later_round(monkeypatch):
     assert _discarded_rounds(strategy, 3) == {1: None, 2: 2, 3: None}
 
 
+def test_failed_round_names_every_report(monkeypatch):
+    # Two on-time reports are fewer than the minimum of 3, so the round fails
+    # and drops them as well as the late one.
+    monkeypatch.setattr(FedAvg, "_construct_messages", _stand_in_messages)
+    strategy = CompressedFedAvg(
+        clock=_SlowNodeClock(slow={3}), round_deadline=10.0, error_feedback=True, min_reports=3
+    )
+    _discarded_rounds(strategy, 1)
+
+    arrays, _ = strategy.aggregate_train(1, _replies())
+
+    assert arrays is None
+    assert _discarded_rounds(strategy, 2) == {1: 1, 2: 1, 3: 1}
+
+
 def test_without_error_feedback_no_round_is_named(monkeypatch):
     strategy = _timed_strategy(monkeypatch, _SlowNodeClock(slow={3}), error_feedback=False)
     _discarded_rounds(strategy, 1)

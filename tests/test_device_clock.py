@@ -8,6 +8,7 @@ import pytest
 from pocketfl.simulations.clock import PhoneClock, transfer_seconds
 from pocketfl.simulations.profiles import DeviceProfile, Population, load_population
 from pocketfl.strategies.device_clock import ClientTime, close_round
+from pocketfl.strategies.sampling import sample_in_order
 
 
 def _profile(**changes) -> DeviceProfile:
@@ -65,6 +66,17 @@ def test_round_closes_at_the_last_report_it_needs():
     assert outcome.accepted == [1, 3]
     assert outcome.late == [2, 0]
     assert outcome.seconds == 2.0
+
+
+def test_equal_arrivals_follow_send_order():
+    # Nodes 0 to 2 arrive at the same second. Node ids change between
+    # simulated runs, so the position in the sample breaks the tie.
+    times = _times(2.0, 2.0, 2.0, 1.0)
+
+    outcome = close_round(times, target_reports=2, deadline_seconds=None, send_order={2: 0, 0: 1, 1: 2, 3: 3})
+
+    assert outcome.accepted == [3, 2]
+    assert outcome.late == [0, 1]
 
 
 def test_round_without_deadline_waits_for_the_last_report():
@@ -231,3 +243,25 @@ def test_profile_file_with_a_bad_hourly_availability_names_the_field(tmp_path):
 
     with pytest.raises(ValueError, match=r"profiles\[0\]\.availability: needs one value per hour"):
         load_population(path)
+
+
+def test_dropouts_independent_of_sampling():
+    # Phone 0 is sampled in half the rounds and drops out in half. Streams
+    # seeded alike made both happen together in 17% of rounds, not 25%.
+    clock = PhoneClock(Population(profiles=[_profile(availability=0.5)]), seed=0, local_epochs=2)
+    clock.assign([0, 1, 2, 3])
+    rounds = range(1, 4001)
+
+    both = sum(
+        0 in sample_in_order([0, 1, 2, 3], 2, 0, server_round, 0) and clock.drops_out(0, server_round, 0.0)
+        for server_round in rounds
+    )
+
+    assert abs(both / len(rounds) - 0.25) < 0.03
+
+
+def test_profile_weights_summing_to_infinity_rejected():
+    huge = [_profile(name=name, weight=1e308) for name in ("a", "b")]
+
+    with pytest.raises(ValueError, match="profile weights sum to more than a float can hold"):
+        Population(profiles=huge)
