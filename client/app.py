@@ -27,7 +27,10 @@ from .sent_report import SentReport, add_discarded_report, keep_sent_report
 logger = logging.getLogger(__name__)
 
 RESIDUAL_KEY = "residual"
-MEMORY_KEY = "memory"
+# Measured training peaks in bytes, by setting (see `_training_peak_bytes`),
+# bounded because a long simulation meets many data sizes.
+_PEAKS_BY_SETTING: dict[tuple, int] = {}
+_MAX_PEAK_SETTINGS = 1024
 
 # Decline reason of a phone whose training round would exceed its memory
 # limit; short and stable because the server counts rounds per reason.
@@ -99,7 +102,7 @@ def train_round(task_factory: TaskFactory, msg: Message, context: Context) -> Me
             return task.train(trained, local_data, settings)
 
     settings = instructions.train_settings(seed)
-    peak_bytes = _training_peak_bytes(model, data, settings, instructions.qat, context, run_training)
+    peak_bytes = _training_peak_bytes(model, data, settings, instructions.qat, mask, run_training)
     limit = memory_limit_bytes(context.node_config, instructions.memory_limit_mb)
     if limit is not None and peak_bytes > limit:
         # The reason is a label the server counts, so it names the limit only.
@@ -205,16 +208,22 @@ def _training_peak_bytes(
     data: ClientData,
     settings: TrainSettings,
     qat: bool,
-    context: Context,
+    mask: Mask,
     run_training,
 ) -> int:
-    # The peak depends on the batch size, the data and QAT, not on the
-    # weights, so it is measured once per node and setting.
-    setting = f"{settings.batch_size}/{len(data.y_train)}/{qat}"
-    if MEMORY_KEY in context.state.config_records:
-        record = context.state.config_records[MEMORY_KEY]
-        if record.get("setting") == setting:
-            return int(record["peak-bytes"])
+    # The peak depends on the model's layout, the pruned tensors, the batch size,
+    # the data's shape and QAT, not on the weights or the phone. So one
+    # measurement serves every phone of a process: the profiler costs about
+    # four training rounds of a phone with 8 windows.
+    setting = (
+        tuple((name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()),
+        tuple(sorted(mask)),
+        settings.batch_size,
+        data.x_train.shape,
+        qat,
+    )
+    if setting in _PEAKS_BY_SETTING:
+        return _PEAKS_BY_SETTING[setting]
 
     one_epoch = dataclasses.replace(settings, epochs=1)
     peak = training_peak_bytes(
@@ -224,7 +233,9 @@ def _training_peak_bytes(
         settings.batch_size,
         lambda probe, x, y: run_training(probe, ClientData(x, y, x[:0], y[:0]), one_epoch),
     )
-    context.state[MEMORY_KEY] = ConfigRecord({"setting": setting, "peak-bytes": peak})
+    if len(_PEAKS_BY_SETTING) >= _MAX_PEAK_SETTINGS:
+        _PEAKS_BY_SETTING.clear()
+    _PEAKS_BY_SETTING[setting] = peak
     return peak
 
 
