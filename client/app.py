@@ -68,7 +68,7 @@ def build_client_app(task_factory: TaskFactory) -> ClientApp:
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Answer with this phone's stable key (see pocketfl.client.identity)."""
+        """Reply with this phone's stable key (see pocketfl.client.identity)."""
         return identity_reply(msg, context)
 
     return client_app
