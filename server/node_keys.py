@@ -14,9 +14,13 @@ import time
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from pocketfl.client.identity import IDENTITY_KEY, PARTITION_ID_KEY
-
 logger = logging.getLogger(__name__)
+
+# Keys of the phone's query reply. The server does not import client code, so
+# they are defined on both sides (see pocketfl.client.identity), and a test
+# checks that they agree.
+IDENTITY_KEY = "identity"
+PARTITION_ID_KEY = "partition-id"
 
 # Seconds between two checks while too few nodes are connected, as in Flower.
 WAIT_SECONDS = 1.0

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
+from pocketfl.client import identity
+from pocketfl.server import node_keys
 from pocketfl.server.node_keys import partition_id_of
 from pocketfl.strategies.sampling import EVALUATE, TRAIN, SeededSampler, sample_in_order, stable_order
 
@@ -106,3 +108,8 @@ def test_unusable_query_replies_give_no_key(reply):
 
 def test_query_reply_gives_the_partition_id():
     assert partition_id_of(_query_reply(RecordDict({"identity": ConfigRecord({"partition-id": 3})}))) == 3
+
+
+def test_identity_keys_agree_on_both_sides():
+    assert node_keys.IDENTITY_KEY == identity.IDENTITY_KEY
+    assert node_keys.PARTITION_ID_KEY == identity.PARTITION_ID_KEY
