@@ -9,7 +9,8 @@ sampled after the keyed ones.
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-# Keys of the query reply; pocketfl.server.node_keys defines them again, because the server does not import client code.
+# Keys of the query reply. pocketfl.server.node_keys defines them again,
+# because the server does not import client code.
 IDENTITY_KEY = "identity"
 PARTITION_ID_KEY = "partition-id"
 
