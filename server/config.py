@@ -119,7 +119,7 @@ class RunConfig(BaseModel):
     held_out_people: int = Field(
         6, ge=1, le=NUM_PEOPLE - 2, description="People kept for central evaluation."
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the split, model and codecs.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the split, model, codecs, client sampling and dropouts.")
     pruning: Literal["none", "global", "layer", "channel"] = Field(
         "none",
         description=(

@@ -105,12 +105,12 @@ def simulate(
         ),
     ] = "people",
     fraction_train: Annotated[
-        float, typer.Option(help="Share of clients sampled each round, in (0, 1].")
+        float, typer.Option(help="Share of phones whose reports each round needs, in (0, 1].")
     ] = 1.0,
     held_out_people: Annotated[
         int, typer.Option(help="People kept for central evaluation.")
     ] = 6,
-    seed: Annotated[int, typer.Option(help="Seed for the split, the model and the codecs.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the split, the model, the codecs, client sampling and (with --devices) dropouts.")] = 0,
     pruning: Annotated[
         str, typer.Option(help="Federated pruning: none, global, layer or channel.")
     ] = "none",
@@ -265,7 +265,7 @@ def compare(
     fraction_train: Annotated[
         float, typer.Option(help="Share of phones whose reports each round needs, in (0, 1].")
     ] = 1.0,
-    over_selection: Annotated[float, typer.Option(help="Phones sampled per report needed.")] = 1.0,
+    over_selection: Annotated[float, typer.Option(help="Phones sampled per report needed, 1 to 10.")] = 1.0,
     round_deadline: Annotated[
         float | None,
         typer.Option(help="Simulated seconds after which a report is late; 0 means no deadline."),

@@ -6,14 +6,14 @@ output folder:
 
 | file | contents |
 | --- | --- |
-| `compare.md` | one row per run, with time to the target accuracy |
+| `compare.md` | one row per run, with time per round and time to the target accuracy |
 | `accuracy-by-round.png` | central accuracy against round |
 | `accuracy-by-uplink.png` | central accuracy against cumulative uplink megabytes |
 | `accuracy-by-time.png` | central accuracy against cumulative simulated seconds |
+| `<run>/` | each run's report.json, rounds.csv and final model |
 
 Central accuracy is measured on the task's evaluation data (HAR: the held-out
 people), which the table and plots name.
-| `<run>/` | each run's report.json, rounds.csv and final model |
 """
 
 import re

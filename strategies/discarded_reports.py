@@ -1,8 +1,10 @@
-"""Tell each phone which of its reports the server discarded as late, so that error feedback can resend it.
+"""Tell each phone which of its reports the server discarded, so that error feedback can resend it.
 
 An error-feedback client sets its residual as if the server applied every
 payload it sends. A report that the simulated clock marks late is discarded,
-and its payload would be lost for good. The server therefore names that round
+and so is every report of a round that fails (too few reports, or an
+aggregate that is not finite), and its payload would be lost for good. The
+server therefore names that round
 in the phone's next train message, under `DISCARDED_ROUND_KEY` in the round
 config, and the phone adds the payload it kept back into its residual.
 """
@@ -18,14 +20,14 @@ CHECKPOINT_KEY = "discarded-rounds"
 
 
 class DiscardedReports:
-    """The last round, per node, whose report the server discarded as late.
+    """The last round, per node, whose report the server discarded.
 
     A node's entry goes out with each train message to it and is forgotten
     once the node replies with an update, late or not, because a phone that
     encodes an update has used the notice. A phone that declines, fails or
-    drops out has not, so its next train message names the round again. A notice that comes
-    twice adds nothing, because the phone adds back only a payload of the
-    round named.
+    drops out has not, so its next train message names the round again. A
+    notice that comes twice adds nothing, because the phone adds back only a
+    payload of the round named.
     """
 
     def __init__(self) -> None:
@@ -41,11 +43,14 @@ class DiscardedReports:
             # Each message has its own config (see CompressedFedAvg._sample).
             message.content.config_records[config_key][DISCARDED_ROUND_KEY] = discarded_round
 
-    def settle(self, server_round: int, updated: set[int], late: set[int]) -> None:
-        """Forget the nodes that sent an update in `server_round`, then record those whose update was late."""
+    def settle(self, server_round: int, updated: set[int], discarded: set[int]) -> None:
+        """Forget the nodes that sent an update in `server_round`, then record those whose update was discarded.
+
+        `discarded` holds the late nodes and, in a failed round, the on-time ones too.
+        """
         for node in updated:
             self._rounds.pop(node, None)
-        for node in late:
+        for node in discarded:
             self._rounds[node] = server_round
 
     def checkpoint_state(self) -> dict[str, dict[str, int]]:
