@@ -47,6 +47,8 @@ def run_federation(
     """
     started = time.perf_counter()
     prepare_folders(config)
+    if clock is None:
+        _warn_clock_settings(config)
     task = task_factory(config.task_settings)
     model = task.build_model(seed=config.seed)
     x_held_out, y_held_out = task.central_data()
@@ -256,3 +258,18 @@ def _summary(report: Report, initial_accuracy: float, wall_seconds: float) -> Su
         total_simulated_seconds=report.rounds[-1].cumulative_simulated_seconds if report.rounds else 0.0,
         wall_seconds=wall_seconds,
     )
+
+
+def _warn_clock_settings(config: RunConfig) -> None:
+    # A deployment has no simulated clock, so these keys would otherwise do
+    # nothing silently. `pocketfl simulate` rejects them without --devices.
+    ignored = []
+    if config.round_deadline is not None:
+        ignored.append(f"round-deadline={config.round_deadline}")
+    if config.over_selection != RunConfig.model_fields["over_selection"].default:
+        ignored.append(f"over-selection={config.over_selection}")
+    if ignored:
+        logger.warning(
+            "%s act only on simulated phones (pocketfl simulate --devices), so this run ignores them",
+            " and ".join(ignored),
+        )

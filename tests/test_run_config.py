@@ -5,6 +5,7 @@ import pytest
 from flwr.common.config import flatten_dict, parse_config_args
 
 from pocketfl.server.config import RunConfig, check_min_reports, load_run_config, resolve_num_clients
+from pocketfl.server.federation import _warn_clock_settings
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -202,3 +203,13 @@ def test_task_client_limit_names_option(option_names, option):
     assert message.startswith(f"invalid value 11 for {option}: task 'limited' can split its data")
     assert message.endswith(f"set {option} to at most 10")
     assert resolve_num_clients(config.model_copy(update={"num_clients": 10}), _LimitedTask(), option_names) == 10
+
+
+def test_clock_settings_without_clock_warned(caplog):
+    with caplog.at_level("WARNING", logger="pocketfl.server.federation"):
+        _warn_clock_settings(RunConfig(round_deadline=30.0, over_selection=1.3))
+        _warn_clock_settings(RunConfig())
+
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert "round-deadline=30.0 and over-selection=1.3 act only on simulated phones" in warnings[0]
