@@ -1,7 +1,7 @@
 """The phone's reply to the server's identity query: its stable key, from the node config only.
 
-Node ids change every time a simulation starts, so the server asks each node
-once for a key that does not change: a simulated phone's partition id. The reply
+Node ids change every time a simulation starts, so the server queries each
+node once for a key that does not change: a simulated phone's partition id. The reply
 comes from the node config alone, without loading data or building the
 task. A phone without a partition id replies with an empty record and is
 sampled after the keyed ones.

@@ -46,7 +46,7 @@ class DiscardedReports:
     def settle(self, server_round: int, updated: set[int], discarded: set[int]) -> None:
         """Forget the nodes that sent an update in `server_round`, then record those whose update was discarded.
 
-        `discarded` holds the late nodes and, in a failed round, the on-time ones too.
+        `discarded` contains the late nodes and, in a failed round, the on-time ones too.
         """
         for node in updated:
             self._rounds.pop(node, None)

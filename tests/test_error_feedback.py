@@ -439,8 +439,8 @@ def test_notice_without_kept_report_is_ignored(caplog):
 def test_damaged_kept_report_is_ignored(caplog):
     context = _phone()
     _residual_after(context, _instructions(1))
-    kept = context.state.config_records[SENT_REPORT_KEY]
-    kept["payload"] = kept["payload"][:10]
+    sent_report = context.state.config_records[SENT_REPORT_KEY]
+    sent_report["payload"] = sent_report["payload"][:10]
 
     with caplog.at_level(logging.WARNING, logger="pocketfl.client.sent_report"):
         _residual_after(context, _instructions(2, discarded_round=1))
