@@ -10,7 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from pocketfl.compression import DecodeError, UpdateCodec, encode_with_error_feedback
-from pocketfl.compression.pruning import Mask, compact, expand
+from pocketfl.compression.masked_updates import compact_for_uplink, expand_from_uplink
+from pocketfl.compression.pruning import Mask
 from pocketfl.tasks.base import ClientData, Task, TaskFactory, TaskSettings, TrainSettings
 from pocketfl.tasks.har.task import HarTask
 
@@ -249,7 +250,7 @@ def _encode(
     """Encode `delta`, with only the kept entries of masked tensors, and keep the residual."""
     codec = UpdateCodec(instructions.compression)
     shapes = {name: values.shape for name, values in delta.items()}
-    delta = compact(delta, mask)
+    delta = compact_for_uplink(delta, mask, codec.spec)
     if not instructions.error_feedback:
         return codec.encode(delta, seed)
 
@@ -264,11 +265,11 @@ def _encode(
     if instructions.discarded_round:
         residual = add_discarded_report(residual, instructions.discarded_round, context, shapes)
     if residual is not None:
-        residual = compact(residual, mask)
+        residual = compact_for_uplink(residual, mask, codec.spec)
     payload, residual = encode_with_error_feedback(codec, delta, residual, seed)
     # The residual is kept at full shape, so it survives a mask that changes
     # between rounds; what a pruned entry had left is dropped with it.
-    residual = expand(residual, mask, shapes)
+    residual = expand_from_uplink(residual, mask, codec.spec, shapes)
 
     # Kept before the residual is saved, so that a crash in between can lose
     # this payload but never add one back into a residual twice.

@@ -12,8 +12,8 @@ of the updates once more.
 The payload is kept with its round and the pruning mask it was encoded under,
 which places the entries of masked tensors: in `Context.state`, or with node
 config `state-dir` in `<state-dir>/sent-report.npz` next to the residual. This
-costs the payload (about 1.2 kB for `topk:0.01,q:8` on the HAR model) plus
-one bit per entry of each masked tensor.
+costs the payload (about 1.2 kB for the default `lowrank:2,q:4` on the HAR
+model) plus one bit per entry of each masked tensor.
 """
 
 import logging
@@ -25,16 +25,9 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
-from pocketfl.compression import DecodeError, decode_update
-from pocketfl.compression.pruning import (
-    MASK_BITS,
-    MASK_TENSORS,
-    Mask,
-    compact_shapes,
-    expand,
-    mask_from_fields,
-    pack_mask,
-)
+from pocketfl.compression import DecodeError
+from pocketfl.compression.masked_updates import decode_masked_update
+from pocketfl.compression.pruning import MASK_BITS, MASK_TENSORS, Mask, mask_from_fields, pack_mask
 
 from .residual_store import STATE_DIR_KEY, save_arrays
 
@@ -116,11 +109,10 @@ def add_discarded_report(
 
     try:
         mask = mask_from_fields(fields, shapes)
-        decoded = decode_update(fields[PAYLOAD_FIELD], compact_shapes(shapes, mask))
+        decoded = decode_masked_update(fields[PAYLOAD_FIELD], shapes, mask)
     except (DecodeError, ValueError) as error:
         logger.warning("ignoring the kept report of round %d: %s", discarded_round, error)
         return residual
-    decoded = expand(decoded, mask, shapes)
 
     if residual is None:
         residual = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}

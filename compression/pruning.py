@@ -4,7 +4,8 @@ A mask maps a tensor name to a boolean array of the tensor's shape, True where
 the entry is kept. Tensors without a mask are dense. The server decides the
 mask from the aggregated model, sends it with the round, and every side
 applies the same mask: clients train under it, the uplink carries only the
-kept entries, and the aggregate keeps pruned entries at zero.
+kept entries (of the tensors that `masked_updates` compacts), and the
+aggregate keeps pruned entries at zero.
 
 Mask math uses `torch.nn.utils.prune` (L1 magnitude for unstructured pruning,
 L2 norm of output channels for structured pruning) on the server's arrays, and

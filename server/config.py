@@ -6,7 +6,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from pocketfl.compression import parse_compression_spec
+from pocketfl.compression import DEFAULT_UPLINK, parse_compression_spec
 from pocketfl.strategies.round_timer import target_reports
 from pocketfl.tasks.base import BUILTIN_TASK, Task, TaskFactory, TaskSettings
 from pocketfl.tasks.folders import ensure_writable_folder
@@ -80,8 +80,8 @@ class RunConfig(BaseModel):
         1.0, gt=0.0, le=1.0, description="Share of clients sampled each round."
     )
     compression: str = Field(
-        "topk:0.01,q:8",
-        description="Uplink codec pipeline, for example 'topk:0.01,q:8' or 'none'.",
+        DEFAULT_UPLINK,
+        description=f"Uplink codec pipeline, for example {DEFAULT_UPLINK!r}, 'topk:0.01,q:8' or 'none'.",
     )
     downlink_compression: str = Field(
         "q:8",

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pocketfl.compression import DEFAULT_UPLINK
 from pocketfl.server.config import (
     RunConfig,
     build_task,
@@ -84,8 +85,8 @@ def simulate(
         int | None, typer.Option(help="Simulated phones; default one per training person.")
     ] = None,
     compression: Annotated[
-        str, typer.Option(help="Uplink codec pipeline: 'topk:0.01,q:8', 'q:4', 'none', ...")
-    ] = "topk:0.01,q:8",
+        str, typer.Option(help="Uplink codec pipeline: 'lowrank:2,q:4', 'topk:0.01,q:8', 'q:4', 'none', ...")
+    ] = DEFAULT_UPLINK,
     downlink: Annotated[
         str, typer.Option(help="Downlink codec pipeline for the global model: 'q:8', 'none', ...")
     ] = "q:8",
@@ -243,7 +244,7 @@ def compare(
     compression: Annotated[
         list[str],
         typer.Option(help="Uplink pipeline to compare with FedAvg; repeat for several."),
-    ] = ["topk:0.01,q:8"],  # noqa: B006 - typer reads list defaults
+    ] = [DEFAULT_UPLINK],  # noqa: B006 - typer reads list defaults
     downlink: Annotated[
         str, typer.Option(help="Downlink pipeline of the compressed runs (FedAvg sends float32).")
     ] = "q:8",

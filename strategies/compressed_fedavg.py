@@ -10,13 +10,9 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from pocketfl.compression import (
-    DecodeError,
-    decode_update,
-    parse_compression_spec,
-    payload_float32_bytes,
-)
-from pocketfl.compression.pruning import Mask, apply_mask, compact_shapes, expand
+from pocketfl.compression import DecodeError, parse_compression_spec, payload_float32_bytes
+from pocketfl.compression.masked_updates import decode_masked_update
+from pocketfl.compression.pruning import Mask, apply_mask
 
 from .device_clock import DeviceClock
 from .discarded_reports import DiscardedReports
@@ -272,8 +268,6 @@ class CompressedFedAvg(FedAvg):
         """Decode each reply into a running weighted sum, then apply the average."""
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         expected_shapes = {name: array.shape for name, array in self._global.items()}
-        # With pruning, payloads hold only the kept entries of masked tensors.
-        uplink_shapes = compact_shapes(expected_shapes, self._mask)
         running_mean = StreamingMean(expected_shapes)
         train_metrics = WeightedMetrics()
 
@@ -312,8 +306,7 @@ class CompressedFedAvg(FedAvg):
             answered.add(node_id)
 
             try:
-                delta, weight, metrics = self._decode_reply(reply, uplink_shapes)
-                delta = expand(delta, self._mask, expected_shapes)
+                delta, weight, metrics = self._decode_reply(reply, expected_shapes)
             except DecodeError as error:
                 traffic.failed_clients += 1
                 logger.warning("round %d: dropped reply from node %d: %s", server_round, node_id, error)
@@ -542,7 +535,8 @@ class CompressedFedAvg(FedAvg):
             raise DecodeError(f"'{UPDATE_KEY}.{PAYLOAD_KEY}' must be bytes, got {type(payload).__name__}")
 
         weight, metrics = read_metrics(content, TRAIN_METRICS)
-        delta = decode_update(payload, expected_shapes, expected_spec=self.uplink)
+        # With pruning, payloads hold only the kept entries of most masked tensors.
+        delta = decode_masked_update(payload, expected_shapes, self._mask, self.uplink)
         return delta, weight, metrics
 
 

@@ -50,6 +50,47 @@ def test_dense_update_under_mask_is_dropped():
     assert strategy.traffic[1].failed_clients == 1
 
 
+def _lowrank_reply(update, node_id):
+    payload = UpdateCodec("lowrank:1,q:8").encode(update, seed=0)
+    metrics = {"num-examples": 10, "train-loss": 0.1, "train-seconds": 0.1, "payload-bytes": len(payload)}
+    content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)})
+    return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node_id), has_error=lambda: False)
+
+
+def _lowrank_strategy():
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.normal(size=(6, 8)).astype(np.float32), "b": np.ones(6, np.float32)}
+    # Whole rows pruned, as channel pruning does, so a masked rank-1 matrix stays rank 1.
+    mask = {"w": np.repeat(np.array([True, False, True, True, False, True])[:, None], 8, axis=1)}
+    strategy = CompressedFedAvg(uplink="lowrank:1,q:8")
+    strategy._global = {"w": np.where(mask["w"], weights["w"], 0).astype(np.float32), "b": weights["b"]}
+    strategy._mask = mask
+    return strategy, mask
+
+
+def test_lowrank_update_keeps_shape_under_mask():
+    strategy, mask = _lowrank_strategy()
+    # A rank-1 update comes back exactly from rank-1 factors, up to 8-bit rounding.
+    update = {"w": np.outer(np.arange(1, 7), np.ones(8)).astype(np.float32), "b": np.zeros(6, np.float32)}
+    update["w"] = np.where(mask["w"], update["w"], 0).astype(np.float32)
+
+    arrays, _ = strategy.aggregate_train(1, [_lowrank_reply(update, 1)])
+
+    new_w = arrays["w"].numpy()
+    assert np.all(new_w[~mask["w"]] == 0)
+    np.testing.assert_allclose(new_w[mask["w"]], (strategy._global["w"] + update["w"])[mask["w"]], atol=0.1)
+
+
+def test_compacted_lowrank_update_dropped():
+    strategy, mask = _lowrank_strategy()
+    update = {"w": np.ones((6, 8), np.float32), "b": np.zeros(6, np.float32)}
+
+    arrays, _ = strategy.aggregate_train(1, [_lowrank_reply(compact(update, mask), 1)])
+
+    assert arrays is None
+    assert strategy.traffic[1].failed_clients == 1
+
+
 def _config(tmp_path, **overrides):
     values = {
         "run_name": "pruned",
@@ -72,6 +113,9 @@ def test_pruned_federation_keeps_final_model_sparse(tmp_path):
     for record in report.rounds:
         assert record.clients == 3
         assert record.failed_clients == 0
+        # The default low-rank uplink factors the pruned weight matrices at
+        # full shape. Their kept entries alone would go at 4 bits, about 40x.
+        assert record.compression_ratio > 100
         # At least the model and one client's local data.
         assert record.peak_train_memory_bytes > 4 * 32_230 + 100 * 6 * 128 * 4
     state = torch.load(tmp_path / "pruned" / "final_model.pt")

@@ -31,7 +31,7 @@ NUMERIC_KEYS = [
 def test_defaults_are_the_main_job():
     config = load_run_config({})
     assert config.num_server_rounds == 20
-    assert config.compression == "topk:0.01,q:8"
+    assert config.compression == "lowrank:2,q:4"
     assert config.error_feedback is True
     assert config.resolved_num_clients == 24
 
@@ -168,6 +168,15 @@ def test_pyproject_run_config_passes_checks(num_supernodes):
     config = load_run_config(flatten_dict(template))
 
     check_min_reports(config, num_supernodes)
+
+
+def test_pyproject_uplink_is_the_default_of_simulate():
+    # `flwr run` reads pyproject.toml and `pocketfl simulate` reads RunConfig's
+    # defaults; both must run the main job.
+    with PYPROJECT.open("rb") as stream:
+        template = tomllib.load(stream)["tool"]["flwr"]["app"]["config"]
+
+    assert template["compression"] == load_run_config({}).compression
 
 
 def test_make_run_defaults_pass_checks():
