@@ -35,6 +35,10 @@ def _mask(seed: int = 1) -> dict[str, np.ndarray]:
         ("lowrank:2,q:4;conv.weight=topk:0.1,q:8", {"conv.weight", "conv.bias"}),
         # Rank-9 factors of a 16 x 20 matrix (324 values) are not smaller, so it is sent densely.
         ("lowrank:9,q:4", {"conv.weight", "conv.bias"}),
+        # Rules are resolved from the full shape first, so the 3-d weight matches no vector rule and is factored.
+        ("lowrank:2,q:4;vector=none", {"conv.bias"}),
+        # The full weight (320 entries) matches small:400 and is factored, although the default compacts.
+        ("topk:0.1,q:8;small:400=lowrank:2,q:4", {"conv.bias"}),
     ],
 )
 def test_factored_tensors_keep_shape(spec, compacted):
