@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/mobile"))
     parser.add_argument("--skip-training", action="store_true", help="export the runs already there")
     parser.add_argument("--only", nargs="+", help="run only these of the runs below")
+    parser.add_argument("--compression", help="uplink pipeline of every run (default: the main job's)")
     args = parser.parse_args()
 
     # Pruning reaches its target at 3/4 of the rounds by default. The
@@ -59,6 +60,7 @@ def main() -> None:
                 "seed": args.seed,
                 "num_server_rounds": args.rounds,
                 "output_dir": args.output_dir,
+                **({"compression": args.compression} if args.compression else {}),
                 **options,
             }
         )
