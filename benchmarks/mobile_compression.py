@@ -54,16 +54,16 @@ def main() -> None:
         runs = {name: runs[name] for name in args.only}
     results = {}
     for name, options in runs.items():
-        config = load_run_config(
-            {
-                "run_name": f"{name}-seed{args.seed}",
-                "seed": args.seed,
-                "num_server_rounds": args.rounds,
-                "output_dir": args.output_dir,
-                **({"compression": args.compression} if args.compression else {}),
-                **options,
-            }
-        )
+        values = {
+            "run_name": f"{name}-seed{args.seed}",
+            "seed": args.seed,
+            "num_server_rounds": args.rounds,
+            "output_dir": args.output_dir,
+            **options,
+        }
+        if args.compression:
+            values["compression"] = args.compression
+        config = load_run_config(values)
         if not args.skip_training:
             simulate(config)
         report = json.loads((config.run_dir / "report.json").read_text())

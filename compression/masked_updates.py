@@ -2,7 +2,7 @@
 
 A masked tensor usually travels compacted to its kept entries (`compact`),
 because both sides know the mask. A tensor that a low-rank pipeline factors
-travels at its full shape instead, with pruned entries zero: its factors need
+travels at its full shape instead, with pruned entries zero. Its factors need
 the matrix shape that compacting loses, and its kept entries alone would go
 densely, at the value coder's cost. The factors' product is not zero at pruned
 entries, so the reader zeroes them after decoding.
@@ -56,9 +56,9 @@ def decode_masked_update(
         return decode_update(payload, shapes, expected_spec=expected_spec)
 
     spec = expected_spec if expected_spec is not None else _payload_spec(payload)
-    sent = compacted_mask(mask, spec, shapes)
-    decoded = decode_update(payload, compact_shapes(shapes, sent), expected_spec=expected_spec)
-    return apply_mask(expand(decoded, sent, shapes), mask)
+    compacted = compacted_mask(mask, spec, shapes)
+    decoded = decode_update(payload, compact_shapes(shapes, compacted), expected_spec=expected_spec)
+    return apply_mask(expand(decoded, compacted, shapes), mask)
 
 
 def _factored(spec: CompressionSpec, name: str, shape: tuple[int, ...]) -> bool:
@@ -72,4 +72,7 @@ def _payload_spec(payload: bytes | bytearray | memoryview) -> CompressionSpec:
     try:
         return parse_compression_spec(text)
     except ValueError as error:
-        raise DecodeError(f"payload pipeline spec {text[:200]!r} is invalid: {error}") from error
+        raise DecodeError(
+            f"pipeline spec {text[:200]!r} in the payload header is invalid: {error}; "
+            "encode with a spec that parse_compression_spec accepts"
+        ) from error

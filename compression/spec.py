@@ -87,12 +87,9 @@ DEFAULT_TOPK_SCOPE = "model"
 DEFAULT_ROUNDING = "stochastic"
 VALID_EXAMPLE = "topk:0.01,q:8"
 RULES_EXAMPLE = "topk:0.01,q:8;bias=none;*norm*=q:8"
-# The uplink pipeline of `pocketfl simulate`, `compare` and the ServerApp.
-# Rank-2 factors with 4-bit values send the HAR CNN 107x below float32, like
-# top-k 1% with 8-bit values (119x), and follow FedAvg more closely round by
-# round: 0.5 accuracy points below it on the main job over three seeds against
-# 2.1, and far closer with 1,000 phones that each report once in ten rounds
-# (docs/benchmarks.md).
+# Default uplink: rank-2 factors with 4-bit values, 107x below float32 for the
+# HAR CNN. It loses less accuracy than top-k 1% with 8-bit values (119x), most
+# of all when phones report rarely. docs/benchmarks.md has the measurements.
 DEFAULT_UPLINK = "lowrank:2,q:4"
 MIN_BITS, MAX_BITS = 1, 8
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 2, 2**31 - 1

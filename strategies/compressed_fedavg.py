@@ -535,7 +535,7 @@ class CompressedFedAvg(FedAvg):
             raise DecodeError(f"'{UPDATE_KEY}.{PAYLOAD_KEY}' must be bytes, got {type(payload).__name__}")
 
         weight, metrics = read_metrics(content, TRAIN_METRICS)
-        # With pruning, payloads hold only the kept entries of most masked tensors.
+        # With pruning, masked tensors arrive compacted unless a low-rank pipeline factors them.
         delta = decode_masked_update(payload, expected_shapes, self._mask, self.uplink)
         return delta, weight, metrics
 

@@ -14,8 +14,8 @@ from pocketfl.simulations.engine import simulate
 from pocketfl.strategies import CompressedFedAvg
 
 
-def _reply(delta, node_id):
-    payload = UpdateCodec("none").encode(delta, seed=0)
+def _reply(delta, node_id, spec="none"):
+    payload = UpdateCodec(spec).encode(delta, seed=0)
     metrics = {"num-examples": 10, "train-loss": 0.1, "train-seconds": 0.1, "payload-bytes": len(payload)}
     content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)})
     return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node_id), has_error=lambda: False)
@@ -50,13 +50,6 @@ def test_dense_update_under_mask_is_dropped():
     assert strategy.traffic[1].failed_clients == 1
 
 
-def _lowrank_reply(update, node_id):
-    payload = UpdateCodec("lowrank:1,q:8").encode(update, seed=0)
-    metrics = {"num-examples": 10, "train-loss": 0.1, "train-seconds": 0.1, "payload-bytes": len(payload)}
-    content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)})
-    return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node_id), has_error=lambda: False)
-
-
 def _lowrank_strategy():
     rng = np.random.default_rng(0)
     weights = {"w": rng.normal(size=(6, 8)).astype(np.float32), "b": np.ones(6, np.float32)}
@@ -74,7 +67,7 @@ def test_lowrank_update_keeps_shape_under_mask():
     update = {"w": np.outer(np.arange(1, 7), np.ones(8)).astype(np.float32), "b": np.zeros(6, np.float32)}
     update["w"] = np.where(mask["w"], update["w"], 0).astype(np.float32)
 
-    arrays, _ = strategy.aggregate_train(1, [_lowrank_reply(update, 1)])
+    arrays, _ = strategy.aggregate_train(1, [_reply(update, 1, "lowrank:1,q:8")])
 
     new_w = arrays["w"].numpy()
     assert np.all(new_w[~mask["w"]] == 0)
@@ -85,7 +78,7 @@ def test_compacted_lowrank_update_dropped():
     strategy, mask = _lowrank_strategy()
     update = {"w": np.ones((6, 8), np.float32), "b": np.zeros(6, np.float32)}
 
-    arrays, _ = strategy.aggregate_train(1, [_lowrank_reply(compact(update, mask), 1)])
+    arrays, _ = strategy.aggregate_train(1, [_reply(compact(update, mask), 1, "lowrank:1,q:8")])
 
     assert arrays is None
     assert strategy.traffic[1].failed_clients == 1

@@ -170,9 +170,9 @@ def test_pyproject_run_config_passes_checks(num_supernodes):
     check_min_reports(config, num_supernodes)
 
 
-def test_pyproject_uplink_is_the_default_of_simulate():
+def test_pyproject_uplink_matches_default():
     # `flwr run` reads pyproject.toml and `pocketfl simulate` reads RunConfig's
-    # defaults; both must run the main job.
+    # defaults, so both must name the same uplink.
     with PYPROJECT.open("rb") as stream:
         template = tomllib.load(stream)["tool"]["flwr"]["app"]["config"]
 
