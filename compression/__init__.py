@@ -7,7 +7,7 @@ docs/wire-format.md is the whole contract for clients in other languages.
 from .codec import UpdateCodec, decode_update, payload_float32_bytes
 from .error_feedback import encode_with_error_feedback
 from .errors import DecodeError
-from .spec import DEFAULT_UPLINK, CompressionSpec, parse_compression_spec
+from .spec import DEFAULT_DOWNLINK, DEFAULT_UPLINK, CompressionSpec, parse_compression_spec
 from .stages import (
     QSGD,
     BFloat16Values,
@@ -24,6 +24,7 @@ from .stages import (
 from .wire import FORMAT_VERSION, MAGIC
 
 __all__ = [
+    "DEFAULT_DOWNLINK",
     "DEFAULT_UPLINK",
     "FORMAT_VERSION",
     "MAGIC",

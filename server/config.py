@@ -6,7 +6,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from pocketfl.compression import DEFAULT_UPLINK, parse_compression_spec
+from pocketfl.compression import DEFAULT_DOWNLINK, DEFAULT_UPLINK, parse_compression_spec
 from pocketfl.strategies.round_timer import target_reports
 from pocketfl.tasks.base import BUILTIN_TASK, Task, TaskFactory, TaskSettings
 from pocketfl.tasks.folders import ensure_writable_folder
@@ -84,9 +84,9 @@ class RunConfig(BaseModel):
         description=f"Uplink codec pipeline, for example {DEFAULT_UPLINK!r}, 'topk:0.01,q:8' or 'none'.",
     )
     downlink_compression: str = Field(
-        "q:8",
+        DEFAULT_DOWNLINK,
         description=(
-            "Downlink codec pipeline for the global model, for example 'q:8'; "
+            f"Downlink codec pipeline for the global model, for example {DEFAULT_DOWNLINK!r} or 'q:8'; "
             "'none' sends the float32 model."
         ),
     )

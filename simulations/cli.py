@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pocketfl.compression import DEFAULT_UPLINK
+from pocketfl.compression import DEFAULT_DOWNLINK, DEFAULT_UPLINK
 from pocketfl.server.config import (
     RunConfig,
     build_task,
@@ -88,8 +88,8 @@ def simulate(
         str, typer.Option(help="Uplink codec pipeline: 'lowrank:2,q:4', 'topk:0.01,q:8', 'q:4', 'none', ...")
     ] = DEFAULT_UPLINK,
     downlink: Annotated[
-        str, typer.Option(help="Downlink codec pipeline for the global model: 'q:8', 'none', ...")
-    ] = "q:8",
+        str, typer.Option(help="Downlink codec pipeline for the global model: 'q:4', 'q:8', 'none', ...")
+    ] = DEFAULT_DOWNLINK,
     error_feedback: Annotated[
         bool, typer.Option(help="Add what the encoding dropped to the next update.")
     ] = True,
@@ -247,7 +247,7 @@ def compare(
     ] = [DEFAULT_UPLINK],  # noqa: B006 - typer reads list defaults
     downlink: Annotated[
         str, typer.Option(help="Downlink pipeline of the compressed runs (FedAvg sends float32).")
-    ] = "q:8",
+    ] = DEFAULT_DOWNLINK,
     devices: Annotated[
         str,
         typer.Option(help="Phone population: 'default', 'cellular' or a TOML profile file."),
@@ -273,6 +273,8 @@ def compare(
     ] = None,
     min_reports: Annotated[int, typer.Option(help="Reports a round needs to count.")] = 1,
     local_epochs: Annotated[int, typer.Option(help="Local passes over the data per round.")] = 2,
+    learning_rate: Annotated[float, typer.Option(help="Client SGD learning rate.")] = 0.05,
+    batch_size: Annotated[int, typer.Option(help="Client mini-batch size.")] = 32,
     start_hour: Annotated[
         float, typer.Option(help="Hour of the simulated day at round 1, 0 to below 24.", callback=_check_hour)
     ] = DEFAULT_START_HOUR,
@@ -298,6 +300,8 @@ def compare(
                 "round_deadline": round_deadline,
                 "min_reports": min_reports,
                 "local_epochs": local_epochs,
+                "learning_rate": learning_rate,
+                "batch_size": batch_size,
                 "seed": seed,
                 "run_name": name,
                 "output_dir": output_dir,

@@ -177,6 +177,39 @@ def test_compare_rejects_unreachable_min_reports(engine, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+class _BaseSeen(Exception):
+    """Raised by a fake comparison once it has the run config that `compare` built."""
+
+
+def test_compare_passes_training_options(engine, tmp_path):
+    seen = {}
+
+    def record_base(base, *_arguments, **_keywords):
+        seen["base"] = base
+        raise _BaseSeen
+
+    engine.setattr("pocketfl.simulations.compare.compare", record_base)
+    arguments = ["--learning-rate", "0.2", "--batch-size", "8"]
+
+    result = runner.invoke(cli, ["compare", "--output-dir", str(tmp_path), *arguments])
+
+    assert isinstance(result.exception, _BaseSeen), result.output
+    assert seen["base"].learning_rate == 0.2
+    assert seen["base"].batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [(["--learning-rate", "-0.1"], "for --learning-rate:"), (["--batch-size", "0"], "for --batch-size:")],
+)
+def test_compare_rejects_bad_training_option(engine, arguments, expected, tmp_path):
+    result = runner.invoke(cli, ["compare", "--output-dir", str(tmp_path), *arguments])
+
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     ("pipelines", "folder"),
     [(["qsgd:4:16", "qsgd:41:6"], "qsgd416"), (["q:8", "q:8"], "q8"), (["none"], "fedavg-float32")],

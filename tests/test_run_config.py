@@ -170,13 +170,15 @@ def test_pyproject_run_config_passes_checks(num_supernodes):
     check_min_reports(config, num_supernodes)
 
 
-def test_pyproject_uplink_matches_default():
+def test_pyproject_codecs_match_defaults():
     # `flwr run` reads pyproject.toml and `pocketfl simulate` reads RunConfig's
-    # defaults, so both must name the same uplink.
+    # defaults, so both must name the same uplink and downlink.
     with PYPROJECT.open("rb") as stream:
         template = tomllib.load(stream)["tool"]["flwr"]["app"]["config"]
 
-    assert template["compression"] == load_run_config({}).compression
+    defaults = load_run_config({})
+    assert template["compression"] == defaults.compression
+    assert template["downlink-compression"] == defaults.downlink_compression
 
 
 def test_make_run_defaults_pass_checks():
