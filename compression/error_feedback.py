@@ -29,7 +29,11 @@ def encode_with_error_feedback(
     smaller than its input. One-bit quantization over a wide block (``q:1``,
     ``q:1:16``, ``topk:0.3,q:1``) breaks this: with Gaussian updates of 600
     values the residual grew roughly tenfold every 4 rounds over 40 rounds.
-    Use 2 or more bits, or 1 bit with a block size of 2.
+    Use 2 or more bits, or 1 bit with a block size of 2. Low-rank factors
+    need 3 or more bits. Under ``lowrank:3,q:2`` with Gaussian 64 x 320
+    updates, the residual reached 337 times the update's norm in 40 rounds.
+    There one 2-bit scale spans factor columns whose norms are the singular
+    values, so the small columns are mostly lost.
 
     Parameters
     ----------

@@ -94,8 +94,8 @@ def simulate(
         bool, typer.Option(help="Add what the encoding dropped to the next update.")
     ] = True,
     local_epochs: Annotated[int, typer.Option(help="Local passes over the data per round.")] = 2,
-    learning_rate: Annotated[float, typer.Option(help="Client SGD learning rate.")] = 0.05,
-    batch_size: Annotated[int, typer.Option(help="Client mini-batch size.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="Client SGD learning rate, in (0, 10].")] = 0.05,
+    batch_size: Annotated[int, typer.Option(help="Client mini-batch size, 1 to 4096.")] = 32,
     partitioning: Annotated[
         str,
         typer.Option(
@@ -273,8 +273,8 @@ def compare(
     ] = None,
     min_reports: Annotated[int, typer.Option(help="Reports a round needs to count.")] = 1,
     local_epochs: Annotated[int, typer.Option(help="Local passes over the data per round.")] = 2,
-    learning_rate: Annotated[float, typer.Option(help="Client SGD learning rate.")] = 0.05,
-    batch_size: Annotated[int, typer.Option(help="Client mini-batch size.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="Client SGD learning rate, in (0, 10].")] = 0.05,
+    batch_size: Annotated[int, typer.Option(help="Client mini-batch size, 1 to 4096.")] = 32,
     start_hour: Annotated[
         float, typer.Option(help="Hour of the simulated day at round 1, 0 to below 24.", callback=_check_hour)
     ] = DEFAULT_START_HOUR,

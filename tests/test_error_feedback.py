@@ -319,6 +319,24 @@ def test_lowrank_residual_stays_bounded_and_shrinks_error():
     assert norms[-1] < np.linalg.norm(30 * signal) * 0.1
 
 
+@pytest.mark.parametrize("spec", ["lowrank:2,q:4", "lowrank:2,q:3", "lowrank:4,q:3"])
+def test_quantized_lowrank_residual_stays_bounded(spec):
+    # Full-rank Gaussian updates: rank-2 factors keep little of each, so the
+    # residual grows at first, then levels off (about 4 times the update's
+    # norm for lowrank:2,q:4). 2-bit factors do not level off.
+    rng = np.random.default_rng(0)
+    codec = UpdateCodec(spec)
+    residual = None
+    ratios = []
+    for round_number in range(40):
+        update = {"w": rng.standard_normal((64, 320)).astype(np.float32)}
+        _, residual = encode_with_error_feedback(codec, update, residual, seed=round_number)
+        ratios.append(float(np.linalg.norm(residual["w"]) / np.linalg.norm(update["w"])))
+
+    assert max(ratios[20:]) < 1.5 * max(ratios[:20])
+    assert ratios[-1] < 10
+
+
 # Client side: reports that the server discards as late.
 
 
