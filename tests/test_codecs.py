@@ -1473,9 +1473,10 @@ def test_lowrank_error_decreases_with_rank(rng):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_lowrank_error_near_truncated_svd_under_heavy_tail(rng, seed):
-    # Two strong directions over 62 weak ones: one plain sketch mixes the tail
-    # into its span and loses 1.3 to 1.7 times the optimal norm here.
+def test_lowrank_near_svd_with_heavy_tail(rng, seed):
+    # Two strong directions over 62 weak ones. A sketch without subspace
+    # iterations mixes the tail into its span and loses 1.3 to 1.7 times the
+    # optimal norm here.
     left, _ = np.linalg.qr(rng.standard_normal((64, 64)))
     right, _ = np.linalg.qr(rng.standard_normal((320, 64)))
     singular_values = np.r_[10.0, 9.0, np.ones(62)]

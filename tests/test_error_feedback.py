@@ -232,20 +232,26 @@ def test_residual_keeps_shapes_and_float32(spec):
         assert residual[name].shape == np.shape(array), name
 
 
+def _gaussian_residual_norms(spec, shape, rounds, seed):
+    """Return the residual's norm after each round of fresh standard Gaussian updates."""
+    rng = np.random.default_rng(seed)
+    codec = UpdateCodec(spec)
+    residual = None
+    norms = []
+
+    for round_index in range(rounds):
+        update = {"w": rng.standard_normal(shape).astype(np.float32)}
+        _, residual = encode_with_error_feedback(codec, update, residual, seed=round_index)
+        norms.append(float(np.linalg.norm(residual["w"])))
+    return norms
+
+
 @pytest.mark.parametrize("spec", ["sign", "topk:0.05,ternary", "thresh:2.0,ternary"])
 def test_sign_and_ternary_residual_stays_bounded(spec):
     # Scaled sign and sparse ternary are biased; with error feedback the
     # residual must settle instead of growing with the number of rounds
     # (Karimireddy et al. 2019; Sattler et al. 2019).
-    rng = np.random.default_rng(3)
-    codec = UpdateCodec(spec)
-    residual = None
-    norms = []
-
-    for round_index in range(60):
-        update = {"w": rng.standard_normal(400).astype(np.float32)}
-        _, residual = encode_with_error_feedback(codec, update, residual, seed=round_index)
-        norms.append(float(np.linalg.norm(residual["w"])))
+    norms = _gaussian_residual_norms(spec, (400,), rounds=60, seed=3)
 
     update_norm = np.sqrt(400)
     assert max(norms[30:]) < 20 * update_norm
@@ -324,17 +330,11 @@ def test_quantized_lowrank_residual_stays_bounded(spec):
     # Full-rank Gaussian updates: rank-2 factors keep little of each, so the
     # residual grows at first, then levels off (about 4 times the update's
     # norm for lowrank:2,q:4). 2-bit factors do not level off.
-    rng = np.random.default_rng(0)
-    codec = UpdateCodec(spec)
-    residual = None
-    ratios = []
-    for round_number in range(40):
-        update = {"w": rng.standard_normal((64, 320)).astype(np.float32)}
-        _, residual = encode_with_error_feedback(codec, update, residual, seed=round_number)
-        ratios.append(float(np.linalg.norm(residual["w"]) / np.linalg.norm(update["w"])))
+    norms = _gaussian_residual_norms(spec, (64, 320), rounds=40, seed=0)
 
-    assert max(ratios[20:]) < 1.5 * max(ratios[:20])
-    assert ratios[-1] < 10
+    update_norm = np.sqrt(64 * 320)
+    assert max(norms[20:]) < 1.5 * max(norms[:20])
+    assert norms[-1] < 10 * update_norm
 
 
 # Client side: reports that the server discards as late.
